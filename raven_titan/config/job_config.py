@@ -1,0 +1,267 @@
+"""The job configuration: one dataclass per section. Field docstrings are the `--help` text.
+
+Option names follow TorchTitan (<= v0.2.x) where an equivalent exists. Each component receives only its own
+section. Range constraints are declared with `Annotated[..., Ge(x)]` etc. and checked by
+`raven_titan.config.manager` together with the types, for TOML and CLI values alike.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Annotated, Any, Literal, get_type_hints
+
+import tyro
+
+from raven_titan.models.raven.args import RavenArgs
+
+
+@dataclass(frozen=True)
+class Ge:
+    """Value must be >= bound."""
+
+    bound: float
+
+
+@dataclass(frozen=True)
+class Gt:
+    """Value must be > bound."""
+
+    bound: float
+
+
+@dataclass(frozen=True)
+class Le:
+    """Value must be <= bound."""
+
+    bound: float
+
+
+PosInt = Annotated[int, Ge(1)]
+NonNegInt = Annotated[int, Ge(0)]
+PosFloat = Annotated[float, Gt(0)]
+NonNegFloat = Annotated[float, Ge(0)]
+Fraction = Annotated[float, Ge(0), Le(1)]
+
+
+@dataclass
+class Job:
+    config_file: str | None = None
+    """Job TOML to load (default: train_configs/debug_model.toml when run through run_train.sh)."""
+    dump_folder: str = "./outputs/debug"
+    """Run folder: config.json, metrics.jsonl, checkpoints and exports go here."""
+    description: str = ""
+    """Free-text description of the run."""
+    dry_run: bool = False
+    """Build the model on the meta device and print parameters, FLOPs, memory and batch layout; train nothing."""
+    print_config: bool = False
+    """Log the resolved configuration at start-up."""
+
+
+@dataclass
+class Training:
+    steps: PosInt = 100
+    """Optimizer steps to train."""
+    local_batch_size: PosInt = 8
+    """Sequences per micro-batch on each data-parallel rank."""
+    global_batch_size: int = -1
+    """Sequences per optimizer step over all ranks; -1 = local_batch_size x data-parallel size (no accumulation).
+    Larger values use gradient accumulation; must be divisible by local_batch_size x data-parallel size."""
+    seq_len: PosInt = 256
+    """Tokens per training sequence (must not exceed model.block_size)."""
+    seed: NonNegInt = 0
+    """Seed for weight init, data order, recurrence depths and latent-state noise."""
+    mixed_precision_param: Literal["bfloat16", "float32"] = "bfloat16"
+    """Compute dtype of matmuls (autocast); master weights, gradients and optimizer state stay fp32."""
+    max_norm: NonNegFloat = 1.0
+    """Global gradient-norm clipping threshold (0 disables clipping; the norm is still logged)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """Non-finite loss or gradient norm: stop the run with an error, or skip the optimizer step."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device to train on; auto = cuda when available, else cpu."""
+    ignore_index: int = -100
+    """Label id excluded from the loss."""
+
+
+@dataclass
+class Optimizer:
+    name: Literal["AdamW", "ELLISAdam"] = "AdamW"
+    """AdamW (torch) or ELLISAdam (Huginn: atan2 direction, update clipping, running init, decoupled wd)."""
+    lr: PosFloat = 3e-3
+    """Peak learning rate."""
+    beta1: Fraction = 0.9
+    """First-moment decay."""
+    beta2: Fraction = 0.95
+    """Second-moment decay."""
+    eps: PosFloat = 1e-8
+    """Adam epsilon (ELLISAdam: floor of the second moment under update clipping)."""
+    weight_decay: NonNegFloat = 0.1
+    """Weight decay (decoupled)."""
+    no_weight_decay_for_bias_and_norm: bool = True
+    """Exclude norm gains and biases (incl. qk_bias) from weight decay."""
+    update_clipping: bool = True
+    """ELLISAdam: divide the step by max(1, RMS(g^2 / v))."""
+    atan_adam: bool = True
+    """ELLISAdam: direction atan2(m, sqrt(v_hat)) instead of m / (sqrt(v_hat) + eps)."""
+    running_init: bool = True
+    """ELLISAdam: initialise m and v from the first gradient instead of zeros."""
+    decouple_wd: bool = True
+    """ELLISAdam: shrink by wd x (lr / peak lr) per step, independent of the lr magnitude."""
+
+
+@dataclass
+class LRScheduler:
+    schedule: Literal["warmup-stable-decay", "cosine", "linear", "constant"] = "warmup-stable-decay"
+    """LR shape after warm-up. warmup-stable-decay is Huginn's trapezoid."""
+    warmup_steps: NonNegInt = 10
+    """Linear warm-up steps from 0 to the peak LR."""
+    decay_steps: NonNegInt = 0
+    """warmup-stable-decay: length of the final linear decay to min_lr_factor (0: no decay)."""
+    min_lr_factor: Fraction = 0.0
+    """Final LR as a fraction of the peak LR."""
+
+
+@dataclass
+class Metrics:
+    log_freq: PosInt = 10
+    """Log a console line and a metrics.jsonl record every this many steps (and at the last step)."""
+    enable_jsonl: bool = True
+    """Write metrics.jsonl in the run folder."""
+
+
+@dataclass
+class Validation:
+    enable: bool = True
+    """Evaluate the held-out split at several test-time depths."""
+    freq: PosInt = 100
+    """Validate every this many steps (and after the last step)."""
+    steps: PosInt = 4
+    """Validation batches per evaluation."""
+    depths: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32, 64])
+    """Test-time recurrence depths to evaluate (all iterations without gradients)."""
+    max_depth: PosInt = 64
+    """Depths above this are dropped from `depths` (to bound the cost of large models)."""
+
+
+@dataclass
+class Data:
+    dataset: str = "shakespeare"
+    """'shakespeare' (built-in, prepared on first use, no network) or a folder of prepared token shards."""
+    tokenizer: str = "tokenizer/shakespeare_4k"
+    """Folder holding tokenizer.json (relative paths resolve against the repository root)."""
+    cache_dir: str = "~/.cache/raven_titan"
+    """Where the built-in corpus is prepared and cached."""
+    num_workers: NonNegInt = 0
+    """DataLoader worker processes (0: load in the training process)."""
+    val_fraction: Annotated[float, Gt(0), Le(0.5)] = 0.05
+    """Built-in corpus: fraction of rows held out for validation."""
+
+
+@dataclass
+class Parallelism:
+    data_parallel_shard_degree: int = -1
+    """FSDP shard degree; -1 = all ranks not used by other dimensions."""
+    data_parallel_replicate_degree: PosInt = 1
+    """Replicate degree (HSDP / plain data parallel)."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: Literal["none", "per-iteration", "full"] = "per-iteration"
+    """none; per-iteration (each gradient core iteration recomputed in backward: memory O(k));
+    full (every block, prelude and coda included, recomputed in backward)."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each block (the recurrence loop stays in Python, so random depths never recompile)."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save checkpoints (torch.distributed.checkpoint) in <dump_folder>/<folder>/step-N."""
+    folder: str = "checkpoint"
+    """Checkpoint folder inside the run folder."""
+    interval: PosInt = 500
+    """Save every this many steps (and at the last step)."""
+    keep_latest_k: Annotated[int, Ge(2)] = 2
+    """Complete checkpoints to keep (>= 2, so the newest can be mid-write without losing the last good one)."""
+
+
+# ---- [model]: name + flavor + an optional override for every RavenArgs field -------------------------------
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field) of a dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def _make_model_section() -> type:
+    docs = _field_docs(RavenArgs)
+    hints = get_type_hints(RavenArgs)
+    namespace = {"__module__": __name__}
+    spec: list[Any] = [
+        ("name", Annotated[str, tyro.conf.arg(help="Model family in the registry.")], field(default="raven")),
+        (
+            "flavor",
+            Annotated[str, tyro.conf.arg(help="Named shape in the registry; the fields below override it.")],
+            field(default="debug"),
+        ),
+    ]
+    for f in fields(RavenArgs):
+        base = hints[f.name]
+        help_text = docs.get(f.name, "") + " [None: the flavor's value]"
+        spec.append(
+            (f.name, Annotated[base | None, tyro.conf.arg(help=help_text)], field(default=None))
+        )
+    return make_dataclass("Model", spec, namespace=namespace)
+
+
+Model = _make_model_section()
+MODEL_OVERRIDE_FIELDS = tuple(f.name for f in fields(RavenArgs))
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    """Run identity, output folder, dry run."""
+    model: Model = field(default_factory=Model)  # type: ignore[valid-type]
+    """Model family, flavor and shape overrides."""
+    training: Training = field(default_factory=Training)
+    """Steps, batch, sequence length, precision, clipping."""
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    """Optimizer and its hyperparameters."""
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    """Learning-rate schedule (applied to every parameter group)."""
+    metrics: Metrics = field(default_factory=Metrics)
+    """Console and metrics.jsonl logging."""
+    validation: Validation = field(default_factory=Validation)
+    """Per-depth validation on the held-out split."""
+    data: Data = field(default_factory=Data)
+    """Dataset, tokenizer and loader."""
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    """Data-parallel layout."""
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    """Activation checkpointing."""
+    compile: Compile = field(default_factory=Compile)
+    """torch.compile."""
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    """Checkpointing."""
+
+
+SECTION_TYPES: dict[str, type] = {f.name: f.default_factory().__class__ for f in fields(JobConfig)}  # type: ignore[misc]
