@@ -226,9 +226,7 @@ def _make_model_section() -> type:
     for f in fields(RavenArgs):
         base = hints[f.name]
         help_text = docs.get(f.name, "") + " [None: the flavor's value]"
-        spec.append(
-            (f.name, Annotated[base | None, tyro.conf.arg(help=help_text)], field(default=None))
-        )
+        spec.append((f.name, Annotated[base | None, tyro.conf.arg(help=help_text)], field(default=None)))
     return make_dataclass("Model", spec, namespace=namespace)
 
 

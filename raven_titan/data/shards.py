@@ -1,0 +1,333 @@
+"""Packed-token shards: the on-disk format every training run reads, and the packer that produces its rows.
+
+A prepared dataset is a folder with one sub-folder per split (`train/`, `val/`). A split holds:
+
+- one or more `*.bin` files: raw little-endian `uint16` token ids (`uint32` if the vocabulary has more than
+  65,536 ids), no header; rows of exactly `row_len` (= seq_len + 1) tokens back to back, so a file of
+  `num_rows` rows is `num_rows * row_len * itemsize` bytes;
+- `index.json` (written last, atomically: a split without it is incomplete)::
+
+    {"format_version": 1, "dtype": "uint16", "row_len": 257, "vocab_size": 4096, "num_rows": 5890,
+     "tokenizer_fingerprint": "0123456789abcdef",
+     "files": [{"name": "00000.bin", "num_rows": 5890, "sha256": "..."}]}
+
+Rows are addressed globally in file order (`PackedRows`). A row is one training example: input = row[:-1],
+labels = row[1:].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from raven_titan.errors import RavenError
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+TARGET_FILE_BYTES = 256 * 2**20  # default size of one .bin file
+PackingPolicy = Literal["carry", "drop"]
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """Little-endian uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def pack_documents(
+    token_lists: Iterable[Sequence[int] | np.ndarray],
+    row_len: int,
+    bos: int,
+    eos: int,
+    policy: PackingPolicy = "carry",
+) -> np.ndarray:
+    """Pack tokenized documents into rows of exactly `row_len` tokens: an int64 array [num_rows, row_len].
+
+    Every document is wrapped as BOS, tokens..., EOS and the wrapped documents are concatenated in order.
+
+    - ``"carry"`` (default; no token is wasted): the concatenated stream is cut into consecutive rows of
+      `row_len` tokens. A document that does not fit in the current row continues at the start of the next one
+      (its tail is carried over), so rows usually start mid-document. Only the final partial row (fewer than
+      `row_len` tokens) is dropped. Concatenating all rows gives exactly a prefix of the wrapped stream.
+    - ``"drop"`` (Huginn's packing, spec section 8.1 without "sacred" sources): wrapped documents are appended
+      to a buffer; as soon as the buffer holds >= `row_len` tokens its first `row_len` tokens become a row and
+      the rest of the buffer is discarded ("incinerated"). Every row therefore starts with BOS at a document
+      boundary, short documents share a row, and documents longer than a row are truncated. A final buffer
+      shorter than `row_len` is dropped.
+    """
+    if row_len < 2:
+        raise ValueError(f"row_len must be >= 2, got {row_len}")
+    if policy not in ("carry", "drop"):
+        raise ValueError(f"unknown packing policy {policy!r}: expected 'carry' or 'drop'")
+    docs = [np.asarray(d, dtype=np.int64).reshape(-1) for d in token_lists]
+    if policy == "carry":
+        total = sum(len(d) + 2 for d in docs)
+        stream = np.empty(total, dtype=np.int64)
+        pos = 0
+        for d in docs:
+            stream[pos] = bos
+            stream[pos + 1 : pos + 1 + len(d)] = d
+            stream[pos + 1 + len(d)] = eos
+            pos += len(d) + 2
+        n = total // row_len
+        return stream[: n * row_len].reshape(n, row_len)
+    rows: list[np.ndarray] = []
+    buffer: list[np.ndarray] = []
+    filled = 0
+    for d in docs:
+        buffer.append(np.concatenate(([bos], d, [eos])))
+        filled += len(d) + 2
+        if filled >= row_len:
+            rows.append(np.concatenate(buffer)[:row_len])
+            buffer, filled = [], 0
+    if not rows:
+        return np.empty((0, row_len), dtype=np.int64)
+    return np.stack(rows).astype(np.int64, copy=False)
+
+
+class ShardWriter:
+    """Writes rows of one split into `.bin` files (rolling over every `rows_per_file` rows) and `index.json`.
+
+    Rows can be appended in any number of `write` calls (the seam for streaming / multi-process preparation);
+    `close` writes the index, which is what makes the split readable.
+    """
+
+    def __init__(
+        self,
+        split_dir: str | Path,
+        row_len: int,
+        vocab_size: int,
+        tokenizer_fingerprint: str | None = None,
+        rows_per_file: int | None = None,
+    ) -> None:
+        self.split_dir = Path(split_dir)
+        self.row_len = row_len
+        self.vocab_size = vocab_size
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.dtype = dtype_for_vocab(vocab_size)
+        self.rows_per_file = rows_per_file or max(1, TARGET_FILE_BYTES // (row_len * self.dtype.itemsize))
+        self.files: list[dict[str, Any]] = []
+        self._handle = None
+        self._hash = None
+        self._rows_in_file = 0
+        self.split_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.row_len:
+            raise ValueError(f"rows must have shape [n, {self.row_len}], got {list(rows.shape)}")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.vocab_size}), got [{rows.min()}, {rows.max()}]"
+            )
+        rows = rows.astype(self.dtype, copy=False)
+        start = 0
+        while start < len(rows):
+            if self._handle is None:
+                self._open_next()
+            take = min(len(rows) - start, self.rows_per_file - self._rows_in_file)
+            data = np.ascontiguousarray(rows[start : start + take]).tobytes()
+            self._handle.write(data)
+            self._hash.update(data)
+            self._rows_in_file += take
+            start += take
+            if self._rows_in_file == self.rows_per_file:
+                self._finish_file()
+
+    def _open_next(self) -> None:
+        name = f"{len(self.files):05d}.bin"
+        self._handle = open(self.split_dir / name, "wb")  # closed in _finish_file
+        self._hash = hashlib.sha256()
+        self._rows_in_file = 0
+        self.files.append({"name": name, "num_rows": 0, "sha256": ""})
+
+    def _finish_file(self) -> None:
+        self._handle.close()
+        self.files[-1].update(num_rows=self._rows_in_file, sha256=self._hash.hexdigest())
+        self._handle = None
+
+    def close(self) -> dict[str, Any]:
+        if self._handle is not None:
+            self._finish_file()
+        index = {
+            "format_version": FORMAT_VERSION,
+            "dtype": self.dtype.name,
+            "row_len": self.row_len,
+            "vocab_size": self.vocab_size,
+            "num_rows": sum(f["num_rows"] for f in self.files),
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "files": self.files,
+        }
+        tmp = self.split_dir / (INDEX_FILE + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1) + "\n")
+        os.replace(tmp, self.split_dir / INDEX_FILE)
+        return index
+
+
+def write_split(
+    split_dir: str | Path,
+    rows: np.ndarray | Iterable[np.ndarray],
+    *,
+    vocab_size: int,
+    tokenizer_fingerprint: str | None = None,
+    rows_per_file: int | None = None,
+) -> dict[str, Any]:
+    """Write `rows` (one [n, row_len] array or an iterable of them) as a split; returns the index written."""
+    chunks = iter([rows] if isinstance(rows, np.ndarray) else rows)
+    first = next(chunks, None)
+    if first is None:
+        raise ValueError("write_split needs at least one array of rows (it may have 0 rows)")
+    first = np.asarray(first)
+    writer = ShardWriter(split_dir, first.shape[-1], vocab_size, tokenizer_fingerprint, rows_per_file)
+    writer.write(first)
+    for chunk in chunks:
+        writer.write(chunk)
+    return writer.close()
+
+
+def read_index(split_dir: str | Path) -> dict[str, Any]:
+    """Parse and sanity-check `split_dir/index.json` (RavenError naming the file otherwise)."""
+    file = Path(split_dir) / INDEX_FILE
+    if not file.is_file():
+        raise RavenError(
+            f"{file} not found: not a prepared split (prepare data with data_prep/prepare_text.py)"
+        )
+    try:
+        index = json.loads(file.read_text())
+        version, dtype = index["format_version"], np.dtype(index["dtype"])
+        int(index["row_len"]), int(index["vocab_size"])
+        files = [(str(f["name"]), int(f["num_rows"]), str(f["sha256"])) for f in index["files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RavenError(f"{file} is malformed ({type(e).__name__}: {e}); re-prepare the dataset") from None
+    if version != FORMAT_VERSION:
+        raise RavenError(
+            f"{file} has format_version {version}; this version reads {FORMAT_VERSION}: re-prepare"
+        )
+    if dtype not in (np.dtype("<u2"), np.dtype("<u4")):
+        raise RavenError(f"{file}: unsupported dtype {index['dtype']!r} (expected uint16 or uint32)")
+    for name, _, _ in files:
+        if Path(name).name != name:
+            raise RavenError(f"{file}: file name {name!r} must be a plain name inside the split folder")
+    return index
+
+
+class PackedRows(Dataset):
+    """Map-style dataset over all rows of one split (memory-mapped, opened lazily, picklable for workers).
+
+    `dataset[i]` is a LongTensor of `row_len` tokens. Opening checks that every file exists and has the size
+    the index implies (truncated files are refused); `validate` checks contents.
+    """
+
+    def __init__(self, split_dir: str | Path) -> None:
+        self.split_dir = Path(split_dir)
+        self.index = read_index(self.split_dir)
+        self.row_len: int = int(self.index["row_len"])
+        self.vocab_size: int = int(self.index["vocab_size"])
+        self.dtype = np.dtype(self.index["dtype"])
+        self.tokenizer_fingerprint: str | None = self.index.get("tokenizer_fingerprint")
+        self.files = [
+            (self.split_dir / f["name"], int(f["num_rows"]), f["sha256"]) for f in self.index["files"]
+        ]
+        self.offsets = np.cumsum([0] + [n for _, n, _ in self.files])
+        self._maps: list[np.ndarray] | None = None
+        for path, num_rows, _ in self.files:
+            self._check_size(path, num_rows)
+
+    def _check_size(self, path: Path, num_rows: int) -> None:
+        expected = num_rows * self.row_len * self.dtype.itemsize
+        if not path.is_file():
+            raise RavenError(
+                f"{path} is missing (listed in {self.split_dir / INDEX_FILE}); re-prepare the dataset"
+            )
+        size = path.stat().st_size
+        if size != expected:
+            kind = "truncated" if size < expected else "longer than expected"
+            raise RavenError(
+                f"{path} is {kind}: {size} bytes, index.json expects {expected} "
+                f"({num_rows} rows x {self.row_len} tokens x {self.dtype.itemsize} bytes); "
+                "re-prepare the dataset"
+            )
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _open(self) -> list[np.ndarray]:
+        if self._maps is None:
+            self._maps = [
+                np.memmap(path, dtype=self.dtype, mode="r", shape=(n, self.row_len))
+                if n
+                else np.empty((0, self.row_len), self.dtype)
+                for path, n, _ in self.files
+            ]
+        return self._maps
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = None  # re-opened in the worker process instead of pickling the data
+        return state
+
+    def row(self, i: int) -> np.ndarray:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for {n} rows")
+        i %= n
+        f = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self._open()[f][i - self.offsets[f]]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.row(int(i)).astype(np.int64))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        return [self[i] for i in indices]
+
+    def validate(
+        self,
+        vocab_size: int,
+        check_checksums: bool = True,
+        row_len: int | None = None,
+        check_tokens: bool = True,
+    ) -> None:
+        """Refuse (RavenError naming the file) a row_len or vocabulary mismatch, a truncated file, a checksum
+        mismatch (`check_checksums`) or a token id >= `vocab_size` (`check_tokens`)."""
+        index_file = self.split_dir / INDEX_FILE
+        if row_len is not None and row_len != self.row_len:
+            raise RavenError(
+                f"{index_file}: rows have {self.row_len} tokens (seq_len {self.row_len - 1}) but the run "
+                f"needs {row_len} (seq_len {row_len - 1}); set training.seq_len {self.row_len - 1} or "
+                "re-prepare the data"
+            )
+        if self.vocab_size > vocab_size:
+            raise RavenError(
+                f"{index_file}: prepared with a vocabulary of {self.vocab_size} ids but the tokenizer/model "
+                f"has {vocab_size}; use the tokenizer the data was prepared with or re-prepare the data"
+            )
+        for path, num_rows, sha in self.files:
+            self._check_size(path, num_rows)
+            if check_checksums:
+                digest = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    while block := fh.read(2**24):
+                        digest.update(block)
+                if digest.hexdigest() != sha:
+                    raise RavenError(
+                        f"{path}: checksum mismatch (file changed or corrupt); re-prepare the dataset"
+                    )
+            if check_tokens and num_rows:
+                data = np.memmap(path, dtype=self.dtype, mode="r", shape=(num_rows, self.row_len))
+                step = max(1, 2**24 // self.row_len)
+                for start in range(0, num_rows, step):
+                    block = data[start : start + step]
+                    if int(block.max()) >= vocab_size:
+                        bad = start + int(np.argmax(block.max(axis=1) >= vocab_size))
+                        raise RavenError(
+                            f"{path}: row {bad} holds token id {int(data[bad].max())} >= vocabulary size "
+                            f"{vocab_size}; the data was prepared with another tokenizer: re-prepare it"
+                        )
+                del data

@@ -1,0 +1,65 @@
+"""One record, several sinks: a one-line console log and `metrics.jsonl` in the run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("raven_titan")
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def format_train_line(r: dict[str, Any]) -> str:
+    mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+    return (
+        f"step {r['step']:>6}  loss {r['loss']:7.4f}  lr {r['lr']:.2e}  gnorm {r['grad_norm']:6.3f}  "
+        f"depth {r['num_steps_no_grad']}+{r['num_steps_with_grad']}  "
+        f"tok/s {r['tokens_per_second']:9,.0f}  TFLOP/s {r['tflops']:7.3f}  mfu {mfu}  "
+        f"mem {r['memory_gib']:.2f}GiB({r['memory_kind']})  eta {_fmt_eta(r['eta_seconds'])}"
+    )
+
+
+def format_val_table(step: int, losses: dict[int, float]) -> str:
+    depths = "  ".join(f"{d:>7}" for d in losses)
+    loss = "  ".join(f"{v:7.4f}" for v in losses.values())
+    ppl = "  ".join(f"{math.exp(min(v, 50)):7.2f}" for v in losses.values())
+    return f"validation @ step {step}\n  depth {depths}\n  loss  {loss}\n  ppl   {ppl}"
+
+
+class MetricsLogger:
+    def __init__(self, folder: Path, enable_jsonl: bool = True) -> None:
+        self.path = folder / "metrics.jsonl" if enable_jsonl else None
+        self._file = open(self.path, "a") if self.path else None  # noqa: SIM115
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def log_train(self, record: dict[str, Any]) -> None:
+        self._write({"kind": "train", **record})
+        logger.info(format_train_line(record))
+
+    def log_validation(self, step: int, losses: dict[int, float]) -> None:
+        self._write(
+            {
+                "kind": "validation",
+                "step": step,
+                "val_loss": {str(d): v for d, v in losses.items()},
+                "val_ppl": {str(d): math.exp(min(v, 50)) for d, v in losses.items()},
+            }
+        )
+        logger.info(format_val_table(step, losses))
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()

@@ -1,0 +1,265 @@
+"""The trainer: config -> model (meta build, AC, compile, init) -> data -> optimizer -> loop -> metrics.
+
+One process on CPU or one GPU in this version; the places where data parallelism plugs in are the loader's
+(dp_rank, dp_size), the state-noise seeds and the valid-token count (both global), and `parallelize`.
+Run as `python -m raven_titan.train [--job.config_file FILE] [--section.key value ...]` or `./run_train.sh`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from raven_titan.config.job_config import JobConfig
+from raven_titan.config.manager import REPO_ROOT, dump_config, parse_args, repo_path
+from raven_titan.data.default_corpus import resolve_dataset
+from raven_titan.data.loader import build_dataloader
+from raven_titan.data.tokenizer import load_tokenizer
+from raven_titan.errors import RavenError
+from raven_titan.metrics import peak_flops, peak_memory_gib, reset_peak_memory
+from raven_titan.metrics.logger import MetricsLogger
+from raven_titan.models import get_model_spec
+from raven_titan.optim import build_lr_scheduler, build_optimizer
+from raven_titan.parallel import check_single_process
+from raven_titan.parallel.parallelize import build_model
+
+logger = logging.getLogger("raven_titan")
+
+DEFAULT_CONFIG = REPO_ROOT / "train_configs" / "debug_model.toml"
+
+
+def state_seed(seed: int, step: int, sample: int) -> int:
+    """Seed of one sample's initial latent noise: a function of the global sample position in the step, so
+    the noise is the same however the global batch is split into micro-batches or ranks."""
+    return ((seed * 6364136223846793005 + step) * 1442695040888963407 + sample) % (2**63 - 1)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RavenError("training.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+class Trainer:
+    def __init__(self, job: JobConfig) -> None:
+        check_single_process()
+        self.job = job
+        t = job.training
+        self.device = pick_device(t.device)
+        self.dtype = torch.bfloat16 if t.mixed_precision_param == "bfloat16" else torch.float32
+        self.spec = get_model_spec(job.model.name)
+        self.args = self.spec.resolve_args(job.model)
+        self.dp_rank, self.dp_size = 0, 1
+        self.global_batch = (
+            t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.dp_size
+        )
+        self.accum = self.global_batch // (t.local_batch_size * self.dp_size)
+        self.folder = Path(job.job.dump_folder)
+        dump_config(job, self.folder)
+        if job.job.print_config:
+            logger.info("config: %s", (self.folder / "config.json").read_text())
+
+        tok = load_tokenizer(repo_path(job.data.tokenizer))
+        if tok.vocab_size > self.args.vocab_size:
+            raise RavenError(
+                f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size = {self.args.vocab_size}; "
+                "set model.vocab_size to at least the tokenizer's size"
+            )
+        self.dataset = resolve_dataset(job.data, t.seq_len, tok)
+        self.train_loader = build_dataloader(
+            self.dataset, "train", t.local_batch_size, self.dp_rank, self.dp_size, t.seed,
+            job.data.num_workers, infinite=True,
+        )  # fmt: skip
+        self.train_iter = iter(self.train_loader)
+
+        torch.manual_seed(t.seed)
+        self.model = build_model(self.spec, self.args, job, self.device)
+        self.optimizer = build_optimizer(self.model, job.optimizer)
+        self.scheduler = build_lr_scheduler(self.optimizer, job.lr_scheduler, t.steps)
+        self.metrics = MetricsLogger(self.folder, job.metrics.enable_jsonl)
+        self.step = 0
+        self.peak = peak_flops(self.device, self.dtype)
+        n_params = self.spec.num_params(self.args)
+        logger.info(
+            "model %s/%s: %s parameters (core %s); device %s, %s autocast; global batch %d = %d x %d accum x %d "
+            "ranks; %d tokens/step; dataset %s",
+            job.model.name, job.model.flavor, f"{n_params['total']:,}", f"{n_params['core']:,}", self.device,
+            t.mixed_precision_param, self.global_batch, t.local_batch_size, self.accum, self.dp_size,
+            self.global_batch * t.seq_len, self.dataset,
+        )  # fmt: skip
+
+    # ---- one optimizer step -----------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+    def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = []
+        for _ in range(self.accum):
+            inputs, labels = next(self.train_iter)
+            batches.append((inputs.to(self.device), labels.to(self.device)))
+        return batches
+
+    def train_step(self, batches) -> dict:
+        t = self.job.training
+        n, k = self.spec.sample_depth(self.args, t.seed, self.step)
+        valid_tokens = sum(int((labels != t.ignore_index).sum()) for _, labels in batches)
+        total_loss = torch.zeros((), device=self.device)
+        for m, (inputs, labels) in enumerate(batches):
+            bsz = inputs.shape[0]
+            seeds = [
+                state_seed(t.seed, self.step, self.dp_rank + self.dp_size * (m * bsz + i)) for i in range(bsz)
+            ]
+            with self.autocast():
+                logits = self.model(inputs, num_steps=(n, k), state_seeds=seeds).logits
+            loss = F.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=t.ignore_index, reduction="sum"
+            ) / max(valid_tokens, 1)
+            loss.backward()
+            total_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), t.max_norm if t.max_norm > 0 else math.inf, foreach=True
+        )
+        loss_value, norm_value = float(total_loss), float(grad_norm)
+        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+        if skipped and t.on_nonfinite == "stop":
+            raise RavenError(
+                f"non-finite loss ({loss_value}) or gradient norm ({norm_value}) at step {self.step + 1}; "
+                "lower optimizer.lr, or set training.on_nonfinite = 'skip' to skip such steps"
+            )
+        lr = self.optimizer.param_groups[0]["lr"]
+        if skipped:
+            logger.warning("step %d: non-finite loss or gradient norm; optimizer step skipped", self.step + 1)
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return {
+            "loss": loss_value, "grad_norm": norm_value, "lr": lr, "n": n, "k": k,
+            "tokens": valid_tokens * self.dp_size, "skipped": skipped,
+        }  # fmt: skip
+
+    # ---- validation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[int, float]:
+        v, t = self.job.validation, self.job.training
+        depths = [d for d in v.depths if d <= v.max_depth]
+        loader = build_dataloader(
+            self.dataset, "val", t.local_batch_size, self.dp_rank, self.dp_size, t.seed, 0, infinite=False
+        )
+        batches = []
+        for inputs, labels in loader:
+            batches.append((inputs.to(self.device), labels.to(self.device)))
+            if len(batches) == v.steps:
+                break
+        if not batches:
+            raise RavenError(f"the validation split of {self.dataset} is empty; prepare more data")
+        self.model.eval()
+        losses = {}
+        for depth in depths:
+            total, count = 0.0, 0
+            for b, (inputs, labels) in enumerate(batches):
+                seeds = [state_seed(t.seed, -1, b * inputs.shape[0] + i) for i in range(inputs.shape[0])]
+                with self.autocast():
+                    logits = self.model(inputs, num_steps=(depth, 0), state_seeds=seeds).logits
+                total += float(
+                    F.cross_entropy(
+                        logits.flatten(0, 1), labels.flatten(), ignore_index=t.ignore_index, reduction="sum"
+                    )
+                )
+                count += int((labels != t.ignore_index).sum())
+            losses[depth] = total / max(count, 1)
+        self.model.train()
+        return losses
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        job, t = self.job, self.job.training
+        ckpt = job.activation_checkpoint.mode != "none"
+        window = {"tokens": 0, "flops": 0.0, "time": 0.0}
+        start = time.perf_counter()
+        first_loss = last = None
+        reset_peak_memory(self.device)
+        while self.step < t.steps:
+            step_start = time.perf_counter()
+            out = self.train_step(self.next_micro_batches())
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - step_start
+            first_loss = out["loss"] if first_loss is None else first_loss
+            last = out
+            fpt = self.spec.flops_per_token(self.args, t.seq_len, out["n"], out["k"], ckpt)
+            window["tokens"] += out["tokens"]
+            window["flops"] += fpt * out["tokens"]
+            window["time"] += dt
+            if self.step % job.metrics.log_freq == 0 or self.step == t.steps or self.step == 1:
+                self._log(out, window, start)
+                window = {"tokens": 0, "flops": 0.0, "time": 0.0}
+            if job.validation.enable and (self.step % job.validation.freq == 0 or self.step == t.steps):
+                self.metrics.log_validation(self.step, self.validate())
+        self.metrics.close()
+        logger.info("done: %d steps, loss %.4f -> %.4f, %.1f s", t.steps, first_loss, last["loss"],
+                    time.perf_counter() - start)  # fmt: skip
+        return {"first_loss": first_loss, "last_loss": last["loss"], "steps": self.step}
+
+    def _log(self, out: dict, window: dict, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        tps = window["tokens"] / max(window["time"], 1e-9)
+        flops_per_s = window["flops"] / max(window["time"], 1e-9)
+        mem, kind = peak_memory_gib(self.device)
+        self.metrics.log_train(
+            {
+                "step": self.step,
+                "loss": out["loss"],
+                "lr": out["lr"],
+                "grad_norm": out["grad_norm"],
+                "num_steps_no_grad": out["n"],
+                "num_steps_with_grad": out["k"],
+                "tokens_per_second": tps,
+                "tflops": flops_per_s / 1e12,
+                "mfu": None if self.peak is None else flops_per_s / self.peak / self.dp_size,
+                "memory_gib": mem,
+                "memory_kind": kind,
+                "elapsed_seconds": elapsed,
+                "eta_seconds": elapsed / self.step * (self.job.training.steps - self.step),
+                "skipped": out["skipped"],
+            }
+        )
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        format="[raven %(asctime)s] %(message)s", datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stdout
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    setup_logging()
+    try:
+        job = parse_args(argv, default_config=str(DEFAULT_CONFIG))
+        if job.job.dry_run:
+            from raven_titan.dry_run import dry_run
+
+            dry_run(job)
+            return 0
+        Trainer(job).train()
+    except RavenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
