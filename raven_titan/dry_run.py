@@ -53,7 +53,7 @@ def dry_run(job: JobConfig) -> dict:
     dp = data_parallel_size(job.parallelism)
     global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * dp
     accum = global_batch // (t.local_batch_size * dp)
-    ckpt = job.activation_checkpoint.mode != "none"
+    ckpt = job.activation_checkpoint.mode
     n_mean, k_mean = spec.expected_depth(args) if spec.expected_depth else (0.0, 1.0)
     fpt = spec.flops_per_token(args, t.seq_len, n_mean, k_mean, ckpt)
     shard = job.parallelism.data_parallel_shard_degree

@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,9 +108,12 @@ class Trainer:
             batches.append((inputs.to(self.device), labels.to(self.device)))
         return batches
 
-    def train_step(self, batches) -> dict:
+    def forward_backward(self, batches, n: int, k: int) -> tuple[torch.Tensor, int]:
+        """Accumulate gradients of the global-batch mean loss over the micro-batches; return (loss, tokens).
+
+        Each micro-batch adds sum-CE / (valid tokens of the whole step), so any split of the same global
+        batch gives the same gradient."""
         t = self.job.training
-        n, k = self.spec.sample_depth(self.args, t.seed, self.step)
         valid_tokens = sum(int((labels != t.ignore_index).sum()) for _, labels in batches)
         total_loss = torch.zeros((), device=self.device)
         for m, (inputs, labels) in enumerate(batches):
@@ -124,6 +128,12 @@ class Trainer:
             ) / max(valid_tokens, 1)
             loss.backward()
             total_loss += loss.detach()
+        return total_loss, valid_tokens
+
+    def train_step(self, batches) -> dict:
+        t = self.job.training
+        n, k = self.spec.sample_depth(self.args, t.seed, self.step)
+        total_loss, valid_tokens = self.forward_backward(batches, n, k)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), t.max_norm if t.max_norm > 0 else math.inf, foreach=True
         )
@@ -140,7 +150,9 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # torch warns when the very first optimizer step was skipped
+            warnings.filterwarnings("ignore", message="Detected call of")
+            self.scheduler.step()
         self.step += 1
         return {
             "loss": loss_value, "grad_norm": norm_value, "lr": lr, "n": n, "k": k,
@@ -183,7 +195,7 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------------
     def train(self) -> dict:
         job, t = self.job, self.job.training
-        ckpt = job.activation_checkpoint.mode != "none"
+        ckpt = job.activation_checkpoint.mode
         window = {"tokens": 0, "flops": 0.0, "time": 0.0}
         start = time.perf_counter()
         first_loss = last = None

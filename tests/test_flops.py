@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from raven_titan.models.raven.args import RavenArgs
 from raven_titan.models.raven.flops import flop_counter_mapping, flops_per_token, forward_flops_per_token
-from raven_titan.models.raven.model import RavenForCausalLM, enable_per_iteration_checkpointing
+from raven_titan.models.raven.model import RavenForCausalLM
+from raven_titan.parallel.parallelize import apply_activation_checkpointing
 
 NEBEL = RavenArgs(
     n_embd=5280,
@@ -26,15 +27,15 @@ NEBEL = RavenArgs(
 
 
 def test_nebel_numbers_from_the_spec():
-    assert flops_per_token(NEBEL, 4096, 24, 8, checkpointing=True) == pytest.approx(2.169e11, rel=1e-3)
-    assert flops_per_token(NEBEL, 4096, 24, 8, checkpointing=False) == pytest.approx(1.879e11, rel=1e-3)
+    assert flops_per_token(NEBEL, 4096, 24, 8, "per-iteration") == pytest.approx(2.169e11, rel=1e-3)
+    assert flops_per_token(NEBEL, 4096, 24, 8, "none") == pytest.approx(1.879e11, rel=1e-3)
     for r, expected in [(1, 7.8e9), (4, 1.87e10), (8, 3.32e10), (16, 6.21e10), (32, 1.20e11), (64, 2.36e11)]:
         assert forward_flops_per_token(NEBEL, 4096, r) == pytest.approx(expected, rel=5e-3)
     # linear in (n, k): the mean depth gives the mean FLOPs
-    a, b = flops_per_token(NEBEL, 4096, 20, 6, True), flops_per_token(NEBEL, 4096, 30, 8, True)
-    assert flops_per_token(NEBEL, 4096, 25, 7, True) == pytest.approx((a + b) / 2, rel=1e-12)
+    a, b = flops_per_token(NEBEL, 4096, 20, 6), flops_per_token(NEBEL, 4096, 30, 8)
+    assert flops_per_token(NEBEL, 4096, 25, 7) == pytest.approx((a + b) / 2, rel=1e-12)
     with pytest.raises(ValueError):
-        flops_per_token(NEBEL, 4096, 32, 0, True)
+        flops_per_token(NEBEL, 4096, 32, 0)
 
 
 SHAPES = {
@@ -66,21 +67,24 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+MODES = ("none", "per-iteration", "full")
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_training_flops_match_flop_counter(shape, checkpointing):
+def test_training_flops_match_flop_counter(shape, mode):
     args = tiny(**SHAPES[shape])
     torch.manual_seed(0)
     model = RavenForCausalLM(args)
     model.init_weights(0)
-    if checkpointing:
-        enable_per_iteration_checkpointing(model)
+    apply_activation_checkpointing(model, mode)
     B, S, n, k = 2, 16, 3, 2
     x = torch.randint(0, 100, (B, S))
     total = counted(lambda: model(x, num_steps=(n, k)).logits.sum().backward())
-    assert total / (B * S) == flops_per_token(args, S, n, k, checkpointing)
-    # the counter does see the difference (the test can fail)
-    assert total / (B * S) != flops_per_token(args, S, n, k, not checkpointing)
+    assert total / (B * S) == flops_per_token(args, S, n, k, mode)
+    # the counter does see the difference between modes (the test can fail)
+    for other in set(MODES) - {mode}:
+        assert total / (B * S) != flops_per_token(args, S, n, k, other)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

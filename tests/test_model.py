@@ -17,9 +17,9 @@ from raven_titan.models.raven.model import (
     RMSNorm,
     SandwichBlock,
     apply_rotary_emb,
-    enable_per_iteration_checkpointing,
     precompute_freqs_cis,
 )
+from raven_titan.parallel.parallelize import apply_activation_checkpointing
 
 NEBEL = dict(
     n_embd=5280,
@@ -368,7 +368,7 @@ def test_per_iteration_checkpointing_gives_identical_gradients():
     model(x, num_steps=(2, 3), state_seeds=seeds).logits.square().mean().backward()
     ref = grads(model)
     model.zero_grad(set_to_none=True)
-    enable_per_iteration_checkpointing(model)
+    apply_activation_checkpointing(model, "per-iteration")
     assert model.grad_iteration_wrapper is not None
     model(x, num_steps=(2, 3), state_seeds=seeds).logits.square().mean().backward()
     got = grads(model)
@@ -395,7 +395,7 @@ def saved_bytes(model, x, num_steps) -> int:
 def test_saved_activations_grow_with_k_not_n(checkpointing):
     model = tiny_model()
     if checkpointing:
-        enable_per_iteration_checkpointing(model)
+        apply_activation_checkpointing(model, "per-iteration")
     x = ids(1, 8)
     base = saved_bytes(model, x, (2, 2))
     assert saved_bytes(model, x, (30, 2)) == base

@@ -23,7 +23,7 @@ class ModelSpec:
     """Construct the model from args under the current device context (use the meta device, then init)."""
     num_params: Callable[[Any], dict[str, int]]
     flops_per_token: Callable[..., float]
-    """(args, seq_len, n, k, checkpointing) -> training FLOPs per token for one realised depth."""
+    """(args, seq_len, n, k, ac_mode) -> training FLOPs per token for one realised depth."""
     sample_depth: Callable[[Any, int, int], tuple[int, int]] | None = None
     """(args, seed, step) -> (n no-grad iterations, k grad iterations); None for non-recurrent models."""
     expected_depth: Callable[[Any], tuple[float, float]] | None = None

@@ -26,7 +26,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 
 def _checkpointed(fn, *args):
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none")
 
 
 def apply_compile(model: nn.Module) -> None:

@@ -6,9 +6,11 @@ Per token, with S the sequence length, h/h_kv/d the (kv-)heads and head dim:
     D = 2 (2E) E  (0 for additive injection)   adapter, forward
     H = 2 E V_pad                              head, forward (tied or not)
 Backward costs 2x forward for matmuls and 2.5x for attention (the flash backward recomputes the scores);
-a checkpointed iteration runs its forward once more. Training with n no-grad and k grad iterations:
-    F = (L_p + L_c)(3M + 3.5A) + n [L_r (M + A) + D] + k [L_r (c M + (c + .5) A) + c D] + 3H,
-    c = 4 with per-iteration checkpointing, else 3.
+recomputed (checkpointed) work runs its forward once more. Training with n no-grad and k grad iterations:
+    F = (L_p + L_c)(c_s M + (c_s + .5) A) + n [L_r (M + A) + D] + k [L_r (c_b M + (c_b + .5) A) + c_a D] + 3H
+with c = 4 for recomputed parts, else 3: activation checkpointing "none" (all 3), "per-iteration" (core
+blocks and adapter of grad iterations recomputed: c_b = c_a = 4), "full" (every block recomputed, the
+adapter not: c_s = c_b = 4, c_a = 3).
 Nebel (Huginn-0125), S = 4096, (n, k) = (24, 8): 2.169e11 with checkpointing, 1.879e11 without.
 """
 
@@ -29,7 +31,9 @@ def _terms(args: RavenArgs, seq_len: int) -> tuple[float, float, float, float]:
     return float(M), float(A), float(D), float(H)
 
 
-def flops_per_token(args: RavenArgs, seq_len: int, n: float, k: float, checkpointing: bool) -> float:
+def flops_per_token(
+    args: RavenArgs, seq_len: int, n: float, k: float, ac_mode: str = "per-iteration"
+) -> float:
     """Training FLOPs (forward + backward) per token for n no-grad and k >= 1 gradient iterations.
 
     n and k may be means (see `sampler.expected_depth`): the count is linear in both."""
@@ -37,11 +41,15 @@ def flops_per_token(args: RavenArgs, seq_len: int, n: float, k: float, checkpoin
         raise ValueError(f"training needs k >= 1 gradient iterations (got {k}); use forward_flops_per_token")
     M, A, D, H = _terms(args, seq_len)
     Lp, Lr, Lc = args.n_layers_in_prelude, args.n_layers_in_recurrent_block, args.n_layers_in_coda
-    c = 4 if checkpointing else 3
+    if ac_mode not in ("none", "per-iteration", "full"):
+        raise ValueError(f"unknown activation checkpointing mode {ac_mode!r}")
+    c_s = 4 if ac_mode == "full" else 3
+    c_b = 3 if ac_mode == "none" else 4
+    c_a = 4 if ac_mode == "per-iteration" else 3
     return (
-        (Lp + Lc) * (3 * M + 3.5 * A)
+        (Lp + Lc) * (c_s * M + (c_s + 0.5) * A)
         + n * (Lr * (M + A) + D)
-        + k * (Lr * (c * M + (c + 0.5) * A) + c * D)
+        + k * (Lr * (c_b * M + (c_b + 0.5) * A) + c_a * D)
         + 3 * H
     )
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from raven_titan.errors import RavenError
 from raven_titan.models.raven.args import RavenArgs
@@ -288,15 +287,6 @@ class RavenForCausalLM(nn.Module):
         return RavenOutput(self.decode(latent), latent, n, k)
 
 
-def _checkpointed(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none")
-
-
-def enable_per_iteration_checkpointing(model: RavenForCausalLM) -> None:
-    """Recompute each gradient iteration in backward instead of keeping its activations (non-reentrant)."""
-    model.grad_iteration_wrapper = _checkpointed
-
-
 __all__ = [
     "CausalSelfAttention",
     "GatedMLP",
@@ -305,6 +295,5 @@ __all__ = [
     "RavenOutput",
     "SandwichBlock",
     "apply_rotary_emb",
-    "enable_per_iteration_checkpointing",
     "precompute_freqs_cis",
 ]
