@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from raven_titan.checkpoint import CheckpointManager, ModelState, OptimizerState, RNGState, TrainState
 from raven_titan.config.job_config import JobConfig
 from raven_titan.config.manager import REPO_ROOT, dump_config, parse_args, repo_path
 from raven_titan.data.default_corpus import resolve_dataset
@@ -79,14 +81,27 @@ class Trainer:
             self.dataset, "train", t.local_batch_size, self.dp_rank, self.dp_size, t.seed,
             job.data.num_workers, infinite=True,
         )  # fmt: skip
-        self.train_iter = iter(self.train_loader)
+        self.train_iter = None  # created on first use, after a checkpoint may have restored the position
 
         torch.manual_seed(t.seed)
         self.model = build_model(self.spec, self.args, job, self.device)
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, job.lr_scheduler, t.steps)
         self.metrics = MetricsLogger(self.folder, job.metrics.enable_jsonl)
-        self.step = 0
+        self.state = TrainState()
+        self.checkpointer = CheckpointManager(
+            job.checkpoint, self.folder,
+            {
+                "model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer),
+                "lr_scheduler": self.scheduler, "dataloader@rank": self.train_loader,
+                "train_state": self.state, "rng@rank": RNGState(),
+            },
+        )  # fmt: skip
+        if job.checkpoint.enable:
+            load_step = None if job.checkpoint.load_step < 0 else job.checkpoint.load_step
+            loaded = self.checkpointer.load(load_step, tuple(job.checkpoint.exclude_from_loading))
+            if loaded is not None:
+                logger.info("resuming from %s (step %d)", self.checkpointer.folder / f"step-{loaded}", loaded)
         self.peak = peak_flops(self.device, self.dtype)
         n_params = self.spec.num_params(self.args)
         logger.info(
@@ -101,7 +116,13 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
+    @property
+    def step(self) -> int:
+        return self.state.step
+
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.train_iter is None:
+            self.train_iter = iter(self.train_loader)
         batches = []
         for _ in range(self.accum):
             inputs, labels = next(self.train_iter)
@@ -153,7 +174,8 @@ class Trainer:
         with warnings.catch_warnings():  # torch warns when the very first optimizer step was skipped
             warnings.filterwarnings("ignore", message="Detected call of")
             self.scheduler.step()
-        self.step += 1
+        self.state.step += 1
+        self.state.tokens_seen += valid_tokens * self.dp_size
         return {
             "loss": loss_value, "grad_norm": norm_value, "lr": lr, "n": n, "k": k,
             "tokens": valid_tokens * self.dp_size, "skipped": skipped,
@@ -200,7 +222,9 @@ class Trainer:
         start = time.perf_counter()
         first_loss = last = None
         reset_peak_memory(self.device)
-        while self.step < t.steps:
+        stop = _StopRequest()
+        self._start_step = self.step
+        while self.step < t.steps and not stop.requested:
             step_start = time.perf_counter()
             out = self.train_step(self.next_micro_batches())
             if self.device.type == "cuda":
@@ -217,10 +241,21 @@ class Trainer:
                 window = {"tokens": 0, "flops": 0.0, "time": 0.0}
             if job.validation.enable and (self.step % job.validation.freq == 0 or self.step == t.steps):
                 self.metrics.log_validation(self.step, self.validate())
+            if self.checkpointer.should_save(self.step, t.steps) or (
+                stop.requested and job.checkpoint.enable
+            ):
+                self.checkpointer.save(self.step)
+        stop.restore()
         self.metrics.close()
-        logger.info("done: %d steps, loss %.4f -> %.4f, %.1f s", t.steps, first_loss, last["loss"],
-                    time.perf_counter() - start)  # fmt: skip
-        return {"first_loss": first_loss, "last_loss": last["loss"], "steps": self.step}
+        if stop.requested:
+            logger.info("stopped by %s at step %d%s", stop.requested, self.step,
+                        "" if job.checkpoint.enable else " (checkpointing is off: nothing saved)")  # fmt: skip
+        elif last is not None:
+            logger.info("done: %d steps, loss %.4f -> %.4f, %.1f s", t.steps, first_loss, last["loss"],
+                        time.perf_counter() - start)  # fmt: skip
+        else:
+            logger.info("nothing to do: the checkpoint is already at step %d of %d", self.step, t.steps)
+        return {"first_loss": first_loss, "last_loss": last and last["loss"], "steps": self.step}
 
     def _log(self, out: dict, window: dict, start: float) -> None:
         elapsed = time.perf_counter() - start
@@ -241,10 +276,30 @@ class Trainer:
                 "memory_gib": mem,
                 "memory_kind": kind,
                 "elapsed_seconds": elapsed,
-                "eta_seconds": elapsed / self.step * (self.job.training.steps - self.step),
+                "eta_seconds": elapsed
+                / (self.step - self._start_step)
+                * (self.job.training.steps - self.step),
                 "skipped": out["skipped"],
             }
         )
+
+
+class _StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's pre-emption warning) set a flag; the loop saves and exits at the next step
+    boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def setup_logging() -> None:

@@ -182,13 +182,20 @@ class Compile:
 @dataclass
 class Checkpoint:
     enable: bool = False
-    """Save checkpoints (torch.distributed.checkpoint) in <dump_folder>/<folder>/step-N."""
+    """Save checkpoints (torch.distributed.checkpoint) in <dump_folder>/<folder>/step-N, resume from the latest
+    one automatically, and save at the next step boundary on SIGTERM / SIGUSR1 before exiting."""
     folder: str = "checkpoint"
     """Checkpoint folder inside the run folder."""
     interval: PosInt = 500
     """Save every this many steps (and at the last step)."""
     keep_latest_k: Annotated[int, Ge(2)] = 2
     """Complete checkpoints to keep (>= 2, so the newest can be mid-write without losing the last good one)."""
+    load_step: int = -1
+    """Step to resume from; -1 = the latest complete checkpoint in the folder (rerunning a command resumes)."""
+    exclude_from_loading: list[
+        Literal["model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng"]
+    ] = field(default_factory=list)
+    """States not restored on resume, e.g. dataloader when the data-parallel layout changed."""
 
 
 # ---- [model]: name + flavor + an optional override for every RavenArgs field -------------------------------

@@ -247,10 +247,6 @@ def validate(job: JobConfig) -> None:
         raise RavenError("validation.depths has no entry <= validation.max_depth; add a smaller depth")
     if any(d < 1 for d in job.validation.depths):
         raise RavenError("validation.depths entries must be >= 1")
-    if job.checkpoint.enable:
-        raise RavenError(
-            "checkpoint.enable: checkpointing is not implemented yet in this version; set it to false"
-        )
 
 
 def resolved_dict(job: JobConfig) -> dict[str, Any]:
