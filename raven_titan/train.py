@@ -7,8 +7,10 @@ Run as `python -m raven_titan.train [--job.config_file FILE] [--section.key valu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -16,7 +18,9 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from raven_titan.checkpoint import CheckpointManager, ModelState, OptimizerState, RNGState, TrainState
 from raven_titan.config.job_config import JobConfig
@@ -29,8 +33,8 @@ from raven_titan.metrics import peak_flops, peak_memory_gib, reset_peak_memory
 from raven_titan.metrics.logger import MetricsLogger
 from raven_titan.models import get_model_spec
 from raven_titan.optim import build_lr_scheduler, build_optimizer
-from raven_titan.parallel import check_single_process
-from raven_titan.parallel.parallelize import build_model
+from raven_titan.parallel.distributed import init_distributed, teardown
+from raven_titan.parallel.parallelize import build_mesh, build_model
 
 logger = logging.getLogger("raven_titan")
 
@@ -53,20 +57,24 @@ def pick_device(choice: str) -> torch.device:
 
 class Trainer:
     def __init__(self, job: JobConfig) -> None:
-        check_single_process()
         self.job = job
         t = job.training
+        layout = init_distributed(timeout_s=job.parallelism.timeout_seconds)
+        self.rank = layout.rank
         self.device = pick_device(t.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", layout.local_rank)
         self.dtype = torch.bfloat16 if t.mixed_precision_param == "bfloat16" else torch.float32
         self.spec = get_model_spec(job.model.name)
         self.args = self.spec.resolve_args(job.model)
-        self.dp_rank, self.dp_size = 0, 1
+        self.dp_rank, self.dp_size = layout.rank, layout.world_size  # every dimension is data-parallel
         self.global_batch = (
             t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.dp_size
         )
         self.accum = self.global_batch // (t.local_batch_size * self.dp_size)
         self.folder = Path(job.job.dump_folder)
-        dump_config(job, self.folder)
+        if self.rank == 0:
+            dump_config(job, self.folder)
         if job.job.print_config:
             logger.info("config: %s", (self.folder / "config.json").read_text())
 
@@ -76,7 +84,7 @@ class Trainer:
                 f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size = {self.args.vocab_size}; "
                 "set model.vocab_size to at least the tokenizer's size"
             )
-        self.dataset = resolve_dataset(job.data, t.seq_len, tok)
+        self.dataset = self._on_rank0_first(lambda: resolve_dataset(job.data, t.seq_len, tok))
         self.train_loader = build_dataloader(
             self.dataset, "train", t.local_batch_size, self.dp_rank, self.dp_size, t.seed,
             job.data.num_workers, infinite=True,
@@ -84,10 +92,11 @@ class Trainer:
         self.train_iter = None  # created on first use, after a checkpoint may have restored the position
 
         torch.manual_seed(t.seed)
-        self.model = build_model(self.spec, self.args, job, self.device)
+        self.mesh = build_mesh(job.parallelism, self.device)
+        self.model, self.reducer = build_model(self.spec, self.args, job, self.device, self.mesh)
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, job.lr_scheduler, t.steps)
-        self.metrics = MetricsLogger(self.folder, job.metrics.enable_jsonl)
+        self.metrics = MetricsLogger(self.folder, job.metrics.enable_jsonl and self.rank == 0)
         self.state = TrainState()
         self.checkpointer = CheckpointManager(
             job.checkpoint, self.folder,
@@ -112,6 +121,22 @@ class Trainer:
             self.global_batch * t.seq_len, self.dataset,
         )  # fmt: skip
 
+    def _on_rank0_first(self, fn):
+        """Run `fn` on rank 0 (e.g. preparing the built-in corpus on first use), then on the others; an error
+        on rank 0 is raised on every rank instead of leaving them waiting at a barrier."""
+        if self.dp_size == 1:
+            return fn()
+        error = [None]
+        if self.rank == 0:
+            try:
+                result = fn()
+            except RavenError as e:
+                error = [str(e)]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise RavenError(error[0])
+        return result if self.rank == 0 else fn()
+
     # ---- one optimizer step -----------------------------------------------------------------------------
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
@@ -130,26 +155,52 @@ class Trainer:
         return batches
 
     def forward_backward(self, batches, n: int, k: int) -> tuple[torch.Tensor, int]:
-        """Accumulate gradients of the global-batch mean loss over the micro-batches; return (loss, tokens).
+        """Accumulate gradients of the global-batch mean loss over the micro-batches and ranks; return
+        (global loss, global valid tokens).
 
-        Each micro-batch adds sum-CE / (valid tokens of the whole step), so any split of the same global
-        batch gives the same gradient."""
+        Each micro-batch adds sum-CE / (valid tokens of the whole step on all ranks), so any split of the
+        same global batch over micro-batches and ranks gives the same gradient. Data parallelism averages
+        gradients over ranks, hence the backward of dp_size x that loss."""
         t = self.job.training
-        valid_tokens = sum(int((labels != t.ignore_index).sum()) for _, labels in batches)
+        valid_tokens = self._all_reduce(sum(int((labels != t.ignore_index).sum()) for _, labels in batches))
         total_loss = torch.zeros((), device=self.device)
         for m, (inputs, labels) in enumerate(batches):
             bsz = inputs.shape[0]
             seeds = [
                 state_seed(t.seed, self.step, self.dp_rank + self.dp_size * (m * bsz + i)) for i in range(bsz)
             ]
+            last = m == len(batches) - 1
             with self.autocast():
                 logits = self.model(inputs, num_steps=(n, k), state_seeds=seeds).logits
             loss = F.cross_entropy(
                 logits.flatten(0, 1), labels.flatten(), ignore_index=t.ignore_index, reduction="sum"
             ) / max(valid_tokens, 1)
-            loss.backward()
+            with self._grad_sync(last):
+                (loss * self.dp_size).backward()
             total_loss += loss.detach()
-        return total_loss, valid_tokens
+        if self.reducer is not None:
+            self.reducer.reduce_gradients()
+        return self._all_reduce(total_loss), valid_tokens
+
+    def _all_reduce(self, value):
+        """Sum over ranks (a Python number or a tensor); identity in one process."""
+        if self.dp_size == 1:
+            return value
+        tensor = torch.as_tensor(
+            value, dtype=torch.float64 if isinstance(value, int) else None, device=self.device
+        )
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return int(tensor.item()) if isinstance(value, int) else tensor
+
+    def _grad_sync(self, sync: bool):
+        """Gradient accumulation: communicate only on the last micro-batch of a step."""
+        if sync or self.dp_size == 1:
+            return contextlib.nullcontext()
+        if self.reducer is not None:
+            return self.reducer.no_sync()
+        self.model.set_requires_gradient_sync(False)
+        return _restore_gradient_sync(self.model)
 
     def train_step(self, batches) -> dict:
         t = self.job.training
@@ -158,6 +209,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), t.max_norm if t.max_norm > 0 else math.inf, foreach=True
         )
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         loss_value, norm_value = float(total_loss), float(grad_norm)
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if skipped and t.on_nonfinite == "stop":
@@ -175,10 +228,10 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Detected call of")
             self.scheduler.step()
         self.state.step += 1
-        self.state.tokens_seen += valid_tokens * self.dp_size
+        self.state.tokens_seen += valid_tokens
         return {
             "loss": loss_value, "grad_norm": norm_value, "lr": lr, "n": n, "k": k,
-            "tokens": valid_tokens * self.dp_size, "skipped": skipped,
+            "tokens": valid_tokens, "skipped": skipped,
         }  # fmt: skip
 
     # ---- validation --------------------------------------------------------------------------------------
@@ -210,6 +263,10 @@ class Trainer:
                     )
                 )
                 count += int((labels != t.ignore_index).sum())
+            total, count = (
+                float(self._all_reduce(torch.tensor(total, device=self.device))),
+                self._all_reduce(count),
+            )
             losses[depth] = total / max(count, 1)
         self.model.train()
         return losses
@@ -302,10 +359,20 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _restore_gradient_sync(model):
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        format="[raven %(asctime)s] %(message)s", datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stdout
-    )
+        format="[raven %(asctime)s] %(message)s" if rank == 0 else f"[raven rank {rank} %(asctime)s] %(message)s",
+        datefmt="%H:%M:%S", level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
 
             dry_run(job)
             return 0
-        Trainer(job).train()
+        state = {"trainer": Trainer(job)}
+        state["trainer"].train()
+        teardown(state)
     except RavenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

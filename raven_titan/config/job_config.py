@@ -160,10 +160,25 @@ class Data:
 
 @dataclass
 class Parallelism:
+    data_parallel_mode: Literal["fsdp", "chunked"] = "fsdp"
+    """fsdp: FSDP2 fully_shard (HSDP when the replicate degree is > 1); chunked: replicated parameters with
+    gradients averaged in fixed-size messages (Huginn's "simple DDP"; needs data_parallel_shard_degree 1)."""
     data_parallel_shard_degree: int = -1
-    """FSDP shard degree; -1 = all ranks not used by other dimensions."""
-    data_parallel_replicate_degree: PosInt = 1
-    """Replicate degree (HSDP / plain data parallel)."""
+    """FSDP shard degree; -1 = all ranks not used by the replicate dimension."""
+    data_parallel_replicate_degree: int = -1
+    """Replicate degree (HSDP's outer dimension); -1 = 1 for fsdp, all ranks for chunked."""
+    replicate_reduce: Literal["native", "chunked"] = "native"
+    """HSDP: reduce the replicate dimension with FSDP's own all-reduce, or through the chunked all-reduce."""
+    chunk_size_mb: PosFloat = 64.0
+    """Chunked all-reduce: size of every message (MiB); Huginn used 64 MB to avoid interconnect hangs."""
+    allreduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Chunked all-reduce: dtype on the wire."""
+    overlap_reduce: bool = False
+    """Chunked data parallel: send full chunks during backward (hooks) instead of after it."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP: free gathered parameters after forward (re-gather in backward); the root unit never reshards."""
+    timeout_seconds: PosInt = 600
+    """Process-group timeout: how long a rank waits at a collective before failing."""
 
 
 @dataclass

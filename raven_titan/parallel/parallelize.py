@@ -1,13 +1,27 @@
 """Everything applied to the single-device model from outside, in one fixed order:
-activation checkpointing -> per-block compile (-> data parallel / FSDP2, in a later version)."""
+activation checkpointing -> per-block compile -> materialise + init -> data parallel (FSDP2 / chunked).
+
+Weights are initialised on the full (unsharded) model before FSDP shards it, so every layout starts from
+the same weights as a one-process run with the same seed (a 3.5B model is ~14 GB of fp32 per rank while
+this happens)."""
 
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.checkpoint import checkpoint
+
+from raven_titan.parallel import mesh_shape
+from raven_titan.parallel.chunked_allreduce import (
+    ChunkedAllReduce,
+    ChunkedDataParallel,
+    broadcast_parameters,
+    install_replicate_all_reduce_hooks,
+)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -35,6 +49,30 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(fullgraph=True)
 
 
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg, param_dtype: torch.dtype) -> None:
+    """FSDP2: one unit per prelude / coda block; the root unit holds embedding, tied head, adapter and the
+    looped core, so it is gathered once and reduced once per step whatever the sampled depth.
+
+    With `replicate_reduce = "chunked"` the units shard over the shard sub-mesh only and the replicate
+    dimension is reduced by the chunked all-reduce inside FSDP's reduce hook."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    chunked_replicate = cfg.replicate_reduce == "chunked" and mesh.size(0) > 1
+    fsdp_mesh = mesh["shard"] if chunked_replicate else mesh
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    tr = model.transformer
+    for block in [*tr.prelude, *tr.coda]:
+        fully_shard(block, mesh=fsdp_mesh, mp_policy=mp, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=mp, reshard_after_forward=False)
+    if chunked_replicate:
+        install_replicate_all_reduce_hooks(model, _reducer(cfg, mesh["replicate"].get_group()))
+
+
+def _reducer(cfg, group) -> ChunkedAllReduce:
+    dtype = torch.bfloat16 if cfg.allreduce_dtype == "bfloat16" else torch.float32
+    return ChunkedAllReduce(group, chunk_bytes=int(cfg.chunk_size_mb * 2**20), wire_dtype=dtype)
+
+
 def parallelize(model: nn.Module, job) -> nn.Module:
     apply_activation_checkpointing(model, job.activation_checkpoint.mode)
     if job.compile.enable:
@@ -42,11 +80,30 @@ def parallelize(model: nn.Module, job) -> nn.Module:
     return model
 
 
-def build_model(spec, args, job, device: torch.device) -> nn.Module:
-    """Build on the meta device, apply the parallel plan, then materialise and initialise on `device`."""
+def build_mesh(cfg, device: torch.device) -> DeviceMesh | None:
+    """The (replicate, shard) data-parallel mesh, or None in a single process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    rep, shard = mesh_shape(cfg, dist.get_world_size())
+    return init_device_mesh(device.type, (rep, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def build_model(spec, args, job, device: torch.device, mesh: DeviceMesh | None = None):
+    """Build on the meta device, apply AC and compile, materialise and initialise on `device`, then apply
+    data parallelism. Returns (model, gradient reducer or None): the reducer's `reduce_gradients()` must run
+    after the last backward of a step (chunked data parallel only; FSDP reduces inside backward)."""
     with torch.device("meta"):
         model = spec.build(args)
     model = (spec.parallelize or parallelize)(model, job)
     model.to_empty(device=device)
     model.init_weights(seed=job.training.seed)
-    return model
+    if mesh is None:
+        return model, None
+    cfg = job.parallelism
+    if cfg.data_parallel_mode == "chunked":
+        group = mesh["replicate"].get_group()  # chunked: the mesh is (world, 1)
+        broadcast_parameters(model, src=0, group=group)
+        return model, ChunkedDataParallel(model, _reducer(cfg, group), overlap=cfg.overlap_reduce)
+    dtype = torch.bfloat16 if job.training.mixed_precision_param == "bfloat16" else torch.float32
+    apply_fsdp(model, mesh, cfg, dtype)
+    return model, None

@@ -120,6 +120,9 @@ class RavenOutput:
     num_steps_with_grad: int
 
 
+# A pytree node, so wrappers that walk module outputs (FSDP2's backward hooks) see the tensors inside.
+torch.utils._pytree.register_dataclass(RavenOutput)
+
 NumSteps = int | Sequence[int] | Tensor | None
 GradIterationWrapper = Callable[..., Tensor]
 
