@@ -9,7 +9,7 @@ import torch
 
 from raven_titan.config.job_config import JobConfig
 from raven_titan.models import get_model_spec
-from raven_titan.parallel import data_parallel_size
+from raven_titan.parallel import data_parallel_size, mesh_shape
 
 logger = logging.getLogger("raven_titan")
 
@@ -56,8 +56,8 @@ def dry_run(job: JobConfig) -> dict:
     ckpt = job.activation_checkpoint.mode
     n_mean, k_mean = spec.expected_depth(args) if spec.expected_depth else (0.0, 1.0)
     fpt = spec.flops_per_token(args, t.seq_len, n_mean, k_mean, ckpt)
-    shard = job.parallelism.data_parallel_shard_degree
-    shard = dp // job.parallelism.data_parallel_replicate_degree if shard == -1 else shard
+    _, shard = mesh_shape(job.parallelism, dp)
+    shard = 1 if job.parallelism.data_parallel_mode == "chunked" else shard
     mem = estimate_memory(args, job, total, shard)
     unfolded = counts["static"] + (n_mean + k_mean) * counts["core"]
     lines = [

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from raven_titan.checkpoint import CheckpointManager, ModelState, OptimizerState, RNGState, TrainState
@@ -31,6 +32,7 @@ from raven_titan.data.tokenizer import load_tokenizer
 from raven_titan.errors import RavenError
 from raven_titan.metrics import peak_flops, peak_memory_gib, reset_peak_memory
 from raven_titan.metrics.logger import MetricsLogger
+from raven_titan.metrics.telemetry import collapse_warning, recurrence_stats, snapshot_params, update_stats
 from raven_titan.models import get_model_spec
 from raven_titan.optim import build_lr_scheduler, build_optimizer
 from raven_titan.parallel.distributed import init_distributed, teardown
@@ -206,6 +208,9 @@ class Trainer:
         t = self.job.training
         n, k = self.spec.sample_depth(self.args, t.seed, self.step)
         total_loss, valid_tokens = self.forward_backward(batches, n, k)
+        freq = self.job.metrics.telemetry_freq
+        telemetry = freq > 0 and (self.step + 1) % freq == 0
+        before = snapshot_params(self.optimizer) if telemetry else None
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), t.max_norm if t.max_norm > 0 else math.inf, foreach=True
         )
@@ -224,6 +229,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if telemetry:
+            self._telemetry(batches[0][0], n, k, before)
         with warnings.catch_warnings():  # torch warns when the very first optimizer step was skipped
             warnings.filterwarnings("ignore", message="Detected call of")
             self.scheduler.step()
@@ -233,6 +240,26 @@ class Trainer:
             "loss": loss_value, "grad_norm": norm_value, "lr": lr, "n": n, "k": k,
             "tokens": valid_tokens, "skipped": skipped,
         }  # fmt: skip
+
+    def _telemetry(self, inputs: torch.Tensor, n: int, k: int, before: dict) -> None:
+        """Recurrence and optimizer telemetry of this rank's first micro-batch (not all-reduced)."""
+        stats = update_stats(self.optimizer, before)
+        seeds = [
+            state_seed(self.job.training.seed, self.step, self.dp_rank + self.dp_size * i)
+            for i in range(len(inputs))
+        ]
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:  # the telemetry calls the model's pieces directly, outside FSDP's forward hooks
+            unit.unshard()
+        with self.autocast():
+            stats |= recurrence_stats(self.model, inputs, n, k, state_seeds=seeds)
+        for unit in units:
+            unit.reshard()
+        warning = collapse_warning(stats)
+        if warning:
+            logger.warning("step %d: %s", self.step + 1, warning)
+        self.metrics.log_telemetry(self.step + 1, stats)
+        return stats
 
     # ---- validation --------------------------------------------------------------------------------------
     @torch.no_grad()

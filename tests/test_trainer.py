@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -87,3 +88,16 @@ def test_loss_falls_on_the_builtin_corpus(tmp_path, cache_dir):
     trainer = make_trainer(tmp_path, cache_dir, "--training.steps", "40", "--optimizer.lr", "0.01")
     result = trainer.train()
     assert result["last_loss"] < result["first_loss"] * 0.8, result
+
+
+def test_telemetry_records_are_written_when_enabled(tmp_path, cache_dir):
+    trainer = make_trainer(tmp_path, cache_dir, "--training.steps", "4", "--metrics.telemetry_freq", "2")
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tele = [r for r in records if r["kind"] == "telemetry"]
+    assert [r["step"] for r in tele] == [2, 4]
+    for key in ("state_norm", "rel_residual", "latent_token_corr", "hidden_token_corr", "weights/grad_norm"):
+        assert math.isfinite(tele[-1][key]), key
+    off = make_trainer(tmp_path / "off", cache_dir, "--training.steps", "2")
+    off.train()
+    assert "telemetry" not in (tmp_path / "off" / "run" / "metrics.jsonl").read_text()

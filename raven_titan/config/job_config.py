@@ -128,6 +128,9 @@ class Metrics:
     """Log a console line and a metrics.jsonl record every this many steps (and at the last step)."""
     enable_jsonl: bool = True
     """Write metrics.jsonl in the run folder."""
+    telemetry_freq: NonNegInt = 0
+    """Every this many steps, record recurrence telemetry (state norms, relative residual, token correlation
+    of latent and last hidden state: collapse warning) and per-group gradient norm / update size (0: off)."""
 
 
 @dataclass

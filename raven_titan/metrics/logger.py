@@ -49,6 +49,14 @@ class MetricsLogger:
         self._write({"kind": "train", **record})
         logger.info(format_train_line(record))
 
+    def log_telemetry(self, step: int, stats: dict[str, float]) -> None:
+        self._write({"kind": "telemetry", "step": step, **stats})
+        logger.info(
+            "telemetry step %d: state norm %.3f  rel residual %.4f  token corr latent %.3f / hidden %.3f",
+            step, stats["state_norm"], stats["rel_residual"], stats["latent_token_corr"],
+            stats["hidden_token_corr"],
+        )  # fmt: skip
+
     def log_validation(self, step: int, losses: dict[int, float]) -> None:
         self._write(
             {

@@ -215,7 +215,7 @@ def recurrence_stats(
     return trace_stats(recurrence_trace(model, input_ids, n, k, state_seeds, init_scale))
 
 
-def collapse_warning(stats: dict[str, float], threshold: float = 0.95) -> str | None:
+def collapse_warning(stats: dict[str, float], threshold: float = 0.99) -> str | None:
     """A one-line warning if the latent or last-hidden token correlation exceeds `threshold`, else None."""
     hits = [
         f"{what} {stats[key]:.3f}"
