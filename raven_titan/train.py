@@ -36,6 +36,7 @@ from raven_titan.metrics.telemetry import collapse_warning, recurrence_stats, sn
 from raven_titan.models import get_model_spec
 from raven_titan.optim import build_lr_scheduler, build_optimizer
 from raven_titan.parallel.distributed import init_distributed, teardown
+from raven_titan.parallel.float8 import precompute_scales
 from raven_titan.parallel.parallelize import build_mesh, build_model
 
 logger = logging.getLogger("raven_titan")
@@ -228,6 +229,7 @@ class Trainer:
             logger.warning("step %d: non-finite loss or gradient norm; optimizer step skipped", self.step + 1)
         else:
             self.optimizer.step()
+            precompute_scales(self.model, self.job.float8)
         self.optimizer.zero_grad(set_to_none=True)
         if telemetry:
             self._telemetry(batches[0][0], n, k, before)

@@ -198,6 +198,20 @@ class Compile:
 
 
 @dataclass
+class Float8:
+    enable: bool = False
+    """Train eligible linear layers in float8 (torchao). Fast on SM89+ GPUs; on CPU for correctness only."""
+    recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = "tensorwise"
+    """torchao float8 scaling recipe."""
+    filter_fqns: list[str] = field(default_factory=lambda: ["lm_head"])
+    """Module names (substrings) kept in high precision; layers with a dimension not divisible by 16 always are."""
+    enable_fsdp_float8_all_gather: bool = False
+    """tensorwise + FSDP: all-gather weights in float8."""
+    precompute_float8_dynamic_scale_for_fsdp: bool = False
+    """With float8 all-gather: compute every weight's scale in one all-reduce after the optimizer step."""
+
+
+@dataclass
 class Checkpoint:
     enable: bool = False
     """Save checkpoints (torch.distributed.checkpoint) in <dump_folder>/<folder>/step-N, resume from the latest
@@ -214,6 +228,25 @@ class Checkpoint:
         Literal["model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng"]
     ] = field(default_factory=list)
     """States not restored on resume, e.g. dataloader when the data-parallel layout changed."""
+
+
+@dataclass
+class Hub:
+    repo_id: str = ""
+    """Hugging Face Hub repository to push exports to, as ORG/NAME; empty = no pushes. The token comes from
+    HF_TOKEN or `hf auth login`, never from the config."""
+    private: bool = True
+    """Create the repository as private (applies only when it does not exist yet)."""
+    push_at_end: bool = True
+    """Push an export at the final checkpoint of the run."""
+    push_every_n_checkpoints: NonNegInt = 0
+    """Also push an export every N-th checkpoint save (0 = never)."""
+    revision_per_step: bool = False
+    """Push step N to its own branch `step-N` (created from main if needed) instead of main."""
+    max_retries: NonNegInt = 3
+    """Retries of a push after a transient failure (HTTP 5xx/429, connection errors, timeouts)."""
+    backoff_seconds: NonNegFloat = 2.0
+    """Wait before the first retry; doubles with each further retry (capped at 300 s)."""
 
 
 # ---- [model]: name + flavor + an optional override for every RavenArgs field -------------------------------
@@ -283,8 +316,12 @@ class JobConfig:
     """Activation checkpointing."""
     compile: Compile = field(default_factory=Compile)
     """torch.compile."""
+    float8: Float8 = field(default_factory=Float8)
+    """float8 training (torchao)."""
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     """Checkpointing."""
+    hub: Hub = field(default_factory=Hub)
+    """Publishing Hugging Face exports to the Hub."""
 
 
 SECTION_TYPES: dict[str, type] = {f.name: f.default_factory().__class__ for f in fields(JobConfig)}  # type: ignore[misc]

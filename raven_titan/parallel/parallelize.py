@@ -1,5 +1,6 @@
 """Everything applied to the single-device model from outside, in one fixed order:
-activation checkpointing -> per-block compile -> materialise + init -> data parallel (FSDP2 / chunked).
+float8 conversion -> activation checkpointing -> per-block compile -> materialise + init -> data parallel
+(FSDP2 / chunked).
 
 Weights are initialised on the full (unsharded) model before FSDP shards it, so every layout starts from
 the same weights as a one-process run with the same seed (a 3.5B model is ~14 GB of fp32 per rank while
@@ -22,6 +23,7 @@ from raven_titan.parallel.chunked_allreduce import (
     broadcast_parameters,
     install_replicate_all_reduce_hooks,
 )
+from raven_titan.parallel.float8 import apply_float8
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -74,6 +76,7 @@ def _reducer(cfg, group) -> ChunkedAllReduce:
 
 
 def parallelize(model: nn.Module, job) -> nn.Module:
+    apply_float8(model, job.float8)
     apply_activation_checkpointing(model, job.activation_checkpoint.mode)
     if job.compile.enable:
         apply_compile(model)
