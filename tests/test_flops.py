@@ -7,23 +7,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from raven_titan.models.raven.args import RavenArgs
+from raven_titan.models.raven import FLAVORS
 from raven_titan.models.raven.flops import flop_counter_mapping, flops_per_token, forward_flops_per_token
 from raven_titan.models.raven.model import RavenForCausalLM
 from raven_titan.parallel.parallelize import apply_activation_checkpointing
 
-NEBEL = RavenArgs(
-    n_embd=5280,
-    n_heads=55,
-    intermediate_size=17920,
-    vocab_size=65536,
-    padding_multiple=4096,
-    block_size=4096,
-    n_layers_in_prelude=2,
-    n_layers_in_recurrent_block=4,
-    n_layers_in_coda=2,
-    mean_recurrence=32,
-    mean_backprop_depth=8,
-)
+NEBEL = FLAVORS["nebel-raven-3.5b"]
 
 
 def test_nebel_numbers_from_the_spec():

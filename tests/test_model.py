@@ -81,7 +81,10 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 
 def test_nebel_layout_matches_huginn_0125():
-    args = RavenArgs(**NEBEL)
+    from raven_titan.models.raven import FLAVORS
+
+    args = FLAVORS["nebel-raven-3.5b"]
+    assert {k: getattr(args, k) for k in NEBEL} == NEBEL  # the registry flavor is the published shape
     with torch.device("meta"):
         model = RavenForCausalLM(args)
     assert model.lm_head.weight is model.transformer.wte.weight
