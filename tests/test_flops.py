@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from raven_titan.models.raven.args import RavenArgs
 from raven_titan.models.raven import FLAVORS
+from raven_titan.models.raven.args import RavenArgs
 from raven_titan.models.raven.flops import flop_counter_mapping, flops_per_token, forward_flops_per_token
 from raven_titan.models.raven.model import RavenForCausalLM
 from raven_titan.parallel.parallelize import apply_activation_checkpointing
