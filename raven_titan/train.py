@@ -24,12 +24,14 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from raven_titan.checkpoint import CheckpointManager, ModelState, OptimizerState, RNGState, TrainState
-from raven_titan.config.job_config import JobConfig
+from raven_titan.config.job_config import Hub, JobConfig
 from raven_titan.config.manager import REPO_ROOT, dump_config, parse_args, repo_path
 from raven_titan.data.default_corpus import resolve_dataset
 from raven_titan.data.loader import build_dataloader
 from raven_titan.data.tokenizer import load_tokenizer
 from raven_titan.errors import RavenError
+from raven_titan.hf.export import export_from_checkpoint, export_hf
+from raven_titan.hf.hub import HubPusher
 from raven_titan.metrics import peak_flops, peak_memory_gib, reset_peak_memory
 from raven_titan.metrics.logger import MetricsLogger
 from raven_titan.metrics.telemetry import collapse_warning, recurrence_stats, snapshot_params, update_stats
@@ -113,7 +115,18 @@ class Trainer:
             load_step = None if job.checkpoint.load_step < 0 else job.checkpoint.load_step
             loaded = self.checkpointer.load(load_step, tuple(job.checkpoint.exclude_from_loading))
             if loaded is not None:
-                logger.info("resuming from %s (step %d)", self.checkpointer.folder / f"step-{loaded}", loaded)
+                ignored = (
+                    " (checkpoint.initial_load_path ignored)" if job.checkpoint.initial_load_path else ""
+                )
+                logger.info(
+                    "resuming from %s (step %d)%s",
+                    self.checkpointer.folder / f"step-{loaded}",
+                    loaded,
+                    ignored,
+                )
+        if job.checkpoint.initial_load_path and self.step == 0:
+            logger.info("initial weights from %s", job.checkpoint.initial_load_path)
+        self.hub = HubPusher(job.hub if self.rank == 0 else Hub())
         self.peak = peak_flops(self.device, self.dtype)
         n_params = self.spec.num_params(self.args)
         logger.info(
@@ -331,6 +344,14 @@ class Trainer:
                 stop.requested and job.checkpoint.enable
             ):
                 self.checkpointer.save(self.step)
+                if self.step < t.steps:
+                    self.hub.maybe_push(self._exporter(self.step, from_checkpoint=True), self.step)
+        if self.step == t.steps and (job.checkpoint.export_hf_at_end or job.hub.repo_id):
+            export = self._exporter(self.step, from_checkpoint=job.checkpoint.enable)
+            if job.checkpoint.export_hf_at_end and self.rank == 0:
+                export()
+            self.hub.maybe_push(export, self.step, is_final=True)
+        self.hub.close(timeout=None)
         stop.restore()
         self.metrics.close()
         if stop.requested:
@@ -342,6 +363,24 @@ class Trainer:
         else:
             logger.info("nothing to do: the checkpoint is already at step %d of %d", self.step, t.steps)
         return {"first_loss": first_loss, "last_loss": last and last["loss"], "steps": self.step}
+
+    def _exporter(self, step: int, from_checkpoint: bool):
+        """A function writing the Hugging Face export of `step` to <run>/hf/step-N (once) and returning it.
+        From the step's checkpoint when there is one (safe in the background), else from the live model."""
+        out = self.folder / "hf" / f"step-{step}"
+        dtype = torch.bfloat16 if self.job.checkpoint.export_dtype == "bfloat16" else torch.float32
+        tokenizer = repo_path(self.job.data.tokenizer)
+
+        def export() -> Path:
+            if not (out / "config.json").is_file():
+                if from_checkpoint:
+                    export_from_checkpoint(self.folder, step, out, dtype, tokenizer)
+                else:
+                    export_hf(self.model, self.args, out, tokenizer, dtype)
+                logger.info("Hugging Face export written: %s", out)
+            return out
+
+        return export
 
     def _log(self, out: dict, window: dict, start: float) -> None:
         elapsed = time.perf_counter() - start

@@ -101,3 +101,29 @@ def test_telemetry_records_are_written_when_enabled(tmp_path, cache_dir):
     off = make_trainer(tmp_path / "off", cache_dir, "--training.steps", "2")
     off.train()
     assert "telemetry" not in (tmp_path / "off" / "run" / "metrics.jsonl").read_text()
+
+
+def test_export_at_end_then_initial_load_and_a_failing_push_does_not_stop_training(
+    tmp_path, cache_dir, monkeypatch
+):
+    import raven_titan.hf.hub as hub
+
+    def failing_push(*args, **kwargs):
+        raise RavenError("push failed: HTTP 500 from the Hub")
+
+    monkeypatch.setattr(hub, "push_folder", failing_push)
+    trainer = make_trainer(
+        tmp_path, cache_dir, "--training.steps", "3", "--checkpoint.export_hf_at_end",
+        "--checkpoint.export_dtype", "float32", "--hub.repo_id", "org/raven-test",
+    )  # fmt: skip
+    result = trainer.train()
+    assert result["steps"] == 3  # training finished although the push failed
+    assert trainer.hub.results and not trainer.hub.results[-1].ok
+    export = tmp_path / "run" / "hf" / "step-3"
+    assert (export / "config.json").is_file()
+    # a new run starts from the exported weights
+    fresh = make_trainer(
+        tmp_path / "b", cache_dir, "--checkpoint.initial_load_path", str(export), "--training.seed", "7"
+    )
+    for (name, a), (_, b) in zip(trainer.model.named_parameters(), fresh.model.named_parameters()):
+        assert torch.equal(a, b), name

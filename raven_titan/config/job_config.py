@@ -228,6 +228,13 @@ class Checkpoint:
         Literal["model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng"]
     ] = field(default_factory=list)
     """States not restored on resume, e.g. dataloader when the data-parallel layout changed."""
+    initial_load_path: str = ""
+    """Initial weights when the run folder has no checkpoint yet: a Hugging Face folder or Hub repo in the
+    Huginn-0125 layout (e.g. the released weights). Ignored, with a log line, once the run has a checkpoint."""
+    export_hf_at_end: bool = False
+    """After the last step, write a Hugging Face export to <dump_folder>/hf/step-N (also done when [hub] pushes)."""
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """dtype of exported weights."""
 
 
 @dataclass

@@ -245,6 +245,11 @@ def validate(job: JobConfig) -> None:
         raise RavenError(problem)
     if job.validation.enable and not [d for d in job.validation.depths if d <= job.validation.max_depth]:
         raise RavenError("validation.depths has no entry <= validation.max_depth; add a smaller depth")
+    if (job.checkpoint.export_hf_at_end or job.hub.repo_id) and dp > 1 and not job.checkpoint.enable:
+        raise RavenError(
+            "exporting or pushing a multi-process run needs checkpoint.enable = true (the export is written "
+            "from the final checkpoint)"
+        )
     if any(d < 1 for d in job.validation.depths):
         raise RavenError("validation.depths entries must be >= 1")
 

@@ -100,6 +100,10 @@ def build_model(spec, args, job, device: torch.device, mesh: DeviceMesh | None =
     model = (spec.parallelize or parallelize)(model, job)
     model.to_empty(device=device)
     model.init_weights(seed=job.training.seed)
+    if job.checkpoint.initial_load_path:
+        from raven_titan.hf.load import load_hf_weights
+
+        load_hf_weights(model, job.checkpoint.initial_load_path)
     if mesh is None:
         return model, None
     cfg = job.parallelism
