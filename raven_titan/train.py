@@ -306,7 +306,7 @@ class Trainer:
                 )
                 count += int((labels != t.ignore_index).sum())
             total, count = (
-                float(self._all_reduce(torch.tensor(total, device=self.device))),
+                float(self._all_reduce(torch.tensor(total, dtype=torch.float64, device=self.device))),
                 self._all_reduce(count),
             )
             losses[depth] = total / max(count, 1)
@@ -396,6 +396,7 @@ class Trainer:
                 "num_steps_no_grad": out["n"],
                 "num_steps_with_grad": out["k"],
                 "tokens_per_second": tps,
+                "tokens_seen": self.state.tokens_seen,
                 "tflops": flops_per_s / 1e12,
                 "mfu": None if self.peak is None else flops_per_s / self.peak / self.dp_size,
                 "memory_gib": mem,

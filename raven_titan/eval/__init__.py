@@ -1,0 +1,1 @@
+"""Evaluation commands on trained runs: `python -m raven_titan.eval.validate` (per-depth held-out loss)."""
