@@ -107,14 +107,15 @@ class Trainer:
             job.checkpoint, self.folder,
             {
                 "model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer),
-                "lr_scheduler": self.scheduler, "dataloader@rank": self.train_loader,
-                "train_state": self.state, "rng@rank": RNGState(),
+                "lr_scheduler": self.scheduler, "train_state": self.state, "rng": RNGState(),
             },
         )  # fmt: skip
         if job.checkpoint.enable:
             load_step = None if job.checkpoint.load_step < 0 else job.checkpoint.load_step
-            loaded = self.checkpointer.load(load_step, tuple(job.checkpoint.exclude_from_loading))
+            exclude = tuple(job.checkpoint.exclude_from_loading)
+            loaded = self.checkpointer.load(load_step, exclude)
             if loaded is not None:
+                self._restore_data_position(skip="dataloader" in exclude)
                 ignored = (
                     " (checkpoint.initial_load_path ignored)" if job.checkpoint.initial_load_path else ""
                 )
@@ -161,13 +162,38 @@ class Trainer:
     def step(self) -> int:
         return self.state.step
 
+    def _rows_per_micro_batch(self) -> tuple[int, int]:
+        """(rows read by all ranks per micro-batch step, rows per loader epoch)."""
+        sampler = self.train_loader.batch_sampler
+        rows = sampler.batch_size * sampler.world_size
+        return rows, sampler.batches_per_epoch * rows
+
+    def _restore_data_position(self, skip: bool) -> None:
+        """Point every rank's loader at the checkpoint's global data position (no row repeated or skipped)."""
+        s, sampler = self.state, self.train_loader.batch_sampler
+        if skip:
+            s.data_epoch = s.data_rows = 0
+            logger.info("data order restarts from the beginning (checkpoint.exclude_from_loading)")
+            return
+        rows, per_epoch = self._rows_per_micro_batch()
+        if s.data_rows_per_epoch not in (0, per_epoch) or s.data_rows % rows:
+            raise RavenError(
+                f"the checkpoint's data position (epoch {s.data_epoch}, row {s.data_rows} of "
+                f"{s.data_rows_per_epoch}) does not map onto this layout ({rows} rows per micro-batch step, "
+                f"{per_epoch} per epoch): keep data-parallel size x local batch size as before, or set "
+                "checkpoint.exclude_from_loading = ['dataloader'] to restart the data order"
+            )
+        sampler.load_state_dict({"epoch": s.data_epoch, "batch": s.data_rows // rows, **sampler.identity()})
+
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.train_iter is None:
             self.train_iter = iter(self.train_loader)
         batches = []
+        rows, per_epoch = self._rows_per_micro_batch()
         for _ in range(self.accum):
             inputs, labels = next(self.train_iter)
             batches.append((inputs.to(self.device), labels.to(self.device)))
+            self.state.advance_data(rows, per_epoch)
         return batches
 
     def forward_backward(self, batches, n: int, k: int) -> tuple[torch.Tensor, int]:
@@ -340,17 +366,22 @@ class Trainer:
                 window = {"tokens": 0, "flops": 0.0, "time": 0.0}
             if job.validation.enable and (self.step % job.validation.freq == 0 or self.step == t.steps):
                 self.metrics.log_validation(self.step, self.validate())
-            if self.checkpointer.should_save(self.step, t.steps) or (
-                stop.requested and job.checkpoint.enable
-            ):
-                self.checkpointer.save(self.step)
-                if self.step < t.steps:
+            if t.time_limit_minutes and time.perf_counter() - start > 60 * t.time_limit_minutes:
+                stop.requested = stop.requested or "time limit"
+            if self.dp_size > 1 and self._all_reduce(int(stop.requested is not None)):
+                stop.requested = stop.requested or "another rank's stop request"  # all ranks stop together
+            saving = self.checkpointer.should_save(self.step, t.steps)
+            if saving or (stop.requested and job.checkpoint.enable):
+                self.checkpointer.save(self.step, block=bool(stop.requested) or self.step == t.steps)
+                if self.step < t.steps and job.hub.repo_id and job.hub.push_every_n_checkpoints:
+                    self.checkpointer.wait()  # on every rank: the export reads the finished checkpoint
                     self.hub.maybe_push(self._exporter(self.step, from_checkpoint=True), self.step)
         if self.step == t.steps and (job.checkpoint.export_hf_at_end or job.hub.repo_id):
             export = self._exporter(self.step, from_checkpoint=job.checkpoint.enable)
             if job.checkpoint.export_hf_at_end and self.rank == 0:
                 export()
             self.hub.maybe_push(export, self.step, is_final=True)
+        self.checkpointer.wait()
         self.hub.close(timeout=None)
         stop.restore()
         self.metrics.close()
@@ -374,6 +405,7 @@ class Trainer:
         def export() -> Path:
             if not (out / "config.json").is_file():
                 if from_checkpoint:
+                    self.checkpointer.wait()
                     export_from_checkpoint(self.folder, step, out, dtype, tokenizer)
                 else:
                     export_hf(self.model, self.args, out, tokenizer, dtype)

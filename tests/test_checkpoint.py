@@ -146,3 +146,21 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path, cache_dir):
     assert "stopped by SIGTERM" in out
     last = max(losses(run))
     assert (run / "checkpoint" / f"step-{last}" / ".metadata").is_file()
+
+
+def test_async_save_is_bit_exact_and_appears_only_when_complete(tmp_path, cache_dir):
+    ref = tmp_path / "ref"
+    Trainer(parse_args(argv(ref, cache_dir, 6))).train()
+    run = tmp_path / "run"
+    first = Trainer(parse_args(argv(run, cache_dir, 6, "--checkpoint.async_mode", "async")))
+    for _ in range(2):
+        first.train_step(first.next_micro_batches())
+    first.checkpointer.save(2)  # staged; written in the background
+    assert first.checkpointer.latest_step() is None or first.checkpointer.latest_step() == 2
+    first.checkpointer.wait()
+    assert first.checkpointer.latest_step() == 2
+    resumed = Trainer(parse_args(argv(run, cache_dir, 6, "--checkpoint.async_mode", "async")))
+    assert resumed.step == 2
+    resumed.train()
+    assert resumed.checkpointer.complete_steps() == [4, 6]
+    assert losses(run) == {s: v for s, v in losses(ref).items() if s > 2}

@@ -102,3 +102,98 @@ def test_fsdp_collectives_do_not_grow_with_depth(common, tmp_path):
     gathers = counts["1+1"].get("all_gather_single", 0) + counts["1+1"].get("all_gather_into_tensor", 0)
     scatters = counts["1+1"].get("reduce_scatter_single", 0) + counts["1+1"].get("reduce_scatter_tensor", 0)
     assert gathers > 0 and scatters > 0, counts  # FSDP's own traffic is what is counted
+
+
+def _stopped_early(run: Path) -> int:
+    steps = sorted(
+        int(p.name.split("-")[1]) for p in (run / "checkpoint").glob("step-*") if "." not in p.name
+    )
+    assert steps and steps[-1] < 10, steps  # the time limit stopped it before the end, with a checkpoint
+    return steps[-1]
+
+
+def _resume_1proc(run: Path, common: list[str], *extra: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "raven_titan.train", *common, "--job.dump_folder", str(run), *extra],
+        capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from" in out.stdout
+
+
+def all_losses(run: Path) -> list[float]:
+    """Per-step losses, the last record of a step winning (a resumed run redoes steps after its checkpoint)."""
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return list({r["step"]: r["loss"] for r in recs if r["kind"] == "train"}.values())
+
+
+def test_resharding_two_processes_to_one_and_back(common, reference, tmp_path):
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "100"]
+    # 2 FSDP ranks x 4 rows stop early (time limit) -> 1 process x 8 rows finishes the run
+    a = tmp_path / "a"
+    torchrun(*common, *ckpt, "--training.local_batch_size", "4", "--job.dump_folder", str(a),
+             "--training.time_limit_minutes", "0.0001")  # fmt: skip
+    _stopped_early(a)
+    _resume_1proc(a, [*common, *ckpt, "--training.local_batch_size", "8"])
+    assert all_losses(a) == pytest.approx(reference, abs=1e-5, rel=0)
+    # 1 process stops early -> 2 ranks of chunked data parallel finish it
+    b = tmp_path / "b"
+    out = subprocess.run(
+        [sys.executable, "-m", "raven_titan.train", *common, *ckpt, "--training.local_batch_size", "8",
+         "--job.dump_folder", str(b), "--training.time_limit_minutes", "0.0001"],
+        capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    _stopped_early(b)
+    torchrun(*common, *ckpt, "--training.local_batch_size", "4", "--job.dump_folder", str(b),
+             "--parallelism.data_parallel_mode", "chunked")  # fmt: skip
+    assert all_losses(b) == pytest.approx(reference, abs=1e-5, rel=0)
+
+
+def test_layout_change_that_moves_the_data_position_is_refused(common, tmp_path):
+    # 2 ranks x 4 rows consumed 16 rows; a 1 x 3-row layout cannot continue at row 16 without repeating or
+    # skipping rows (any layout reading 2, 4, 8 or 16 rows per micro-batch step could: that is allowed)
+    run = tmp_path / "run"
+    ckpt = [
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "2",
+        "--training.steps",
+        "2",
+        "--lr_scheduler.decay_steps",
+        "0",
+    ]
+    torchrun(*common, *ckpt, "--training.local_batch_size", "4", "--job.dump_folder", str(run))
+    out = subprocess.run(
+        [sys.executable, "-m", "raven_titan.train", *common, "--checkpoint.enable", "--training.steps", "4",
+         "--training.local_batch_size", "3", "--training.global_batch_size", "3", "--lr_scheduler.decay_steps", "0",
+         "--job.dump_folder", str(run)],
+        capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "checkpoint.exclude_from_loading = ['dataloader']" in out.stderr
+
+
+def test_two_process_run_killed_with_sigkill_resumes_bit_exactly(common, tmp_path):
+    import signal
+    import time
+
+    ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2", "--training.local_batch_size", "4"]
+    ref = tmp_path / "ref"
+    torchrun(*common, *ckpt, "--job.dump_folder", str(ref))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "raven_titan.train", *common, *ckpt, "--job.dump_folder", str(run)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 200
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").exists() and len(all_losses(run)) >= 5
+    ):  # fmt: skip
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
+    proc.wait()
+    assert len(all_losses(run)) < 10
+    torchrun(*common, *ckpt, "--job.dump_folder", str(run))
+    assert all_losses(run) == all_losses(ref)  # bit-identical

@@ -3,14 +3,14 @@
 Layout: `<run>/<checkpoint.folder>/step-N/` (DCP files + `.metadata`). A save is written into
 `step-N.tmp-<pid>` and renamed to `step-N` only once complete, so a crash or kill during a save leaves the
 previous `step-N` as the latest loadable one; leftover temporary folders are ignored and cleaned up.
-Everything needed for a bit-exact resume is saved: model, optimizer, LR schedule, per-rank data-loader
-position, train state and RNG states (the recurrence depth and the latent noise are functions of
-(seed, step, sample), so they need no state of their own).
+Everything needed for a bit-exact resume is saved: model, optimizer, LR schedule, train state (step, tokens,
+global data position) and RNG states. The recurrence depth and the latent noise are functions of
+(seed, step, sample), and the data order of (seed, epoch), so nothing is rank-specific: a checkpoint resumes
+with another number of processes or another data-parallel layout (DCP reshards model and optimizer).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import shutil
@@ -32,6 +32,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 from raven_titan.errors import RavenError
 
 logger = logging.getLogger("raven_titan")
+# DCP warns on every call without a process group (also from its async writer thread); one process is a
+# supported layout here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -59,21 +62,34 @@ class OptimizerState(Stateful):
 
 
 class TrainState(Stateful):
-    """Counters of the training loop (the step drives the depth sampler, schedule and noise seeds)."""
+    """Counters of the training loop. The step drives the depth sampler, schedule and noise seeds; the data
+    position is global (epoch, rows consumed in it by all ranks), so it carries over to another data-parallel
+    layout that reads the same rows per micro-batch step."""
+
+    FIELDS = ("step", "tokens_seen", "data_epoch", "data_rows", "data_rows_per_epoch")
 
     def __init__(self) -> None:
-        self.step = 0
-        self.tokens_seen = 0
+        self.step = self.tokens_seen = self.data_epoch = self.data_rows = self.data_rows_per_epoch = 0
+
+    def advance_data(self, rows: int, rows_per_epoch: int) -> None:
+        """Account one micro-batch step of `rows` rows over all ranks (the loader's epochs hold
+        `rows_per_epoch` rows)."""
+        self.data_rows_per_epoch = rows_per_epoch
+        self.data_rows += rows
+        if self.data_rows >= rows_per_epoch:
+            self.data_epoch, self.data_rows = self.data_epoch + 1, self.data_rows - rows_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen}
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        for name in self.FIELDS:
+            setattr(self, name, int(state[name]))
 
 
 class RNGState(Stateful):
-    """torch's CPU (and CUDA) generator states of this rank."""
+    """torch's CPU (and CUDA) generator states (rank 0's are saved). Nothing in training depends on them:
+    depths, data order and latent noise are functions of (seed, step, sample)."""
 
     def state_dict(self) -> dict[str, Any]:
         state = {"cpu": torch.get_rng_state()}
@@ -87,14 +103,6 @@ class RNGState(Stateful):
             torch.cuda.set_rng_state(state["cuda"])
 
 
-@contextlib.contextmanager
-def _single_process_ok():
-    """DCP warns on every call without a process group; one process is a supported layout here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -105,13 +113,14 @@ def _barrier() -> None:
 
 
 class CheckpointManager:
-    """Saves and restores `states` (name -> Stateful or plain dict). Names ending in `@rank` are made
-    rank-specific (per-rank state such as data-loader positions), since DCP keeps one copy of a key."""
+    """Saves and restores `states` (name -> Stateful). DCP keeps one copy of a key saved by every rank, so
+    per-rank state would need rank-specific names; the trainer has none."""
 
     def __init__(self, cfg, run_folder: Path, states: dict[str, Any]) -> None:
         self.cfg = cfg
         self.folder = Path(run_folder) / cfg.folder
-        self.states = {name.replace("@rank", f"_rank{_rank()}"): s for name, s in states.items()}
+        self.states = states
+        self._pending = None  # an asynchronous save in flight: (future, temporary folder, final folder)
 
     # ---- discovery ------------------------------------------------------------------------------------------
     def complete_steps(self) -> list[int]:
@@ -132,7 +141,11 @@ class CheckpointManager:
     def should_save(self, step: int, last_step: int) -> bool:
         return self.cfg.enable and (step % self.cfg.interval == 0 or step == last_step)
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, block: bool = False) -> Path:
+        """Write `step` (collective). With checkpoint.async_mode = "async" the files are written in the
+        background after the state is staged; the step folder appears at the next `save`/`wait` (or now, if
+        `block`), so until then the previous checkpoint stays the latest."""
+        self.wait()
         final = self.folder / f"step-{step}"
         if final.is_dir() and (final / ".metadata").is_file():
             return final  # already saved (e.g. the step a run resumed from)
@@ -141,15 +154,31 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        with _single_process_ok():
-            dcp.save(self.states, checkpoint_id=str(tmp))
+        if self.cfg.async_mode == "async":
+            self._pending = (dcp.async_save(self.states, checkpoint_id=str(tmp)), tmp, final)
+            if block:
+                self.wait()
+            return final
+        dcp.save(self.states, checkpoint_id=str(tmp))
+        self._finalize(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish an asynchronous save in flight (collective)."""
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        self._pending = None
+        future.result()
+        self._finalize(tmp, final)
+
+    def _finalize(self, tmp: Path, final: Path) -> None:
         _barrier()
         if _rank() == 0:
             tmp.rename(final)  # atomic: the step folder appears only when complete
             self._purge()
         _barrier()
         logger.info("checkpoint saved: %s", final)
-        return final
 
     def _purge(self) -> None:
         for p in self.folder.iterdir():
@@ -170,10 +199,9 @@ class CheckpointManager:
             raise RavenError(
                 f"checkpoint {path} does not exist or is incomplete; available steps: {self.complete_steps()}"
             )
-        states = {k: v for k, v in self.states.items() if k.split("_rank")[0] not in exclude}
+        states = {k: v for k, v in self.states.items() if k not in exclude}
         try:
-            with _single_process_ok():
-                dcp.load(states, checkpoint_id=str(path))
+            dcp.load(states, checkpoint_id=str(path))
         except Exception as e:  # noqa: BLE001 - DCP raises many types; the message is what matters
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RavenError(

@@ -82,6 +82,9 @@ class Training:
     """Device to train on; auto = cuda when available, else cpu."""
     ignore_index: int = -100
     """Label id excluded from the loss."""
+    time_limit_minutes: NonNegFloat = 0.0
+    """Wall-clock budget of this process: stop at the step boundary after it is spent, saving a checkpoint
+    when checkpointing is on (0: no limit). For schedulers that kill without a warning signal."""
 
 
 @dataclass
@@ -222,12 +225,16 @@ class Checkpoint:
     """Save every this many steps (and at the last step)."""
     keep_latest_k: Annotated[int, Ge(2)] = 2
     """Complete checkpoints to keep (>= 2, so the newest can be mid-write without losing the last good one)."""
+    async_mode: Literal["disabled", "async"] = "disabled"
+    """async: stage the state, then write the files in the background while training goes on (the step
+    folder appears once the write is complete, at the next save or the end)."""
     load_step: int = -1
     """Step to resume from; -1 = the latest complete checkpoint in the folder (rerunning a command resumes)."""
     exclude_from_loading: list[
         Literal["model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng"]
     ] = field(default_factory=list)
-    """States not restored on resume, e.g. dataloader when the data-parallel layout changed."""
+    """States not restored on resume: dataloader restarts the data order (needed when the rows read per
+    micro-batch step, data-parallel size x local batch size, changed)."""
     initial_load_path: str = ""
     """Initial weights when the run folder has no checkpoint yet: a Hugging Face folder or Hub repo in the
     Huginn-0125 layout (e.g. the released weights). Ignored, with a log line, once the run has a checkpoint."""
