@@ -2,7 +2,7 @@
 
 `resolve_dataset` is what a training run calls: "shakespeare" means the built-in corpus, prepared on first use
 into `<data.cache_dir>/shakespeare-<tokenizer fingerprint>-L<seq_len>-val<fraction>-r<recipe>/` and reused
-afterwards; anything else is the path of a folder prepared with `data_prep/prepare_text.py`.
+afterwards; anything else is the path of a folder prepared with `data_prep/prepare.py` (or `prepare_text.py`).
 
 Preparation recipe (version `RECIPE`): the 42 `*_gut.txt` texts (OKFN edition, ~5 MB) are cut into documents
 of whole paragraphs of >= 4,000 characters (~1,200 documents, ~1,400 tokens each at 4k vocab), shuffled with a
@@ -110,7 +110,7 @@ def resolve_dataset(
             what = "does not exist" if not folder.exists() else f"has no {missing[0]}/index.json"
             raise RavenError(
                 f"data.dataset {str(folder)!r} {what}: it must be a folder prepared with "
-                "data_prep/prepare_text.py (train/ and val/ with index.json), or 'shakespeare' for the "
+                "data_prep/prepare.py (train/ and val/ with index.json), or 'shakespeare' for the "
                 "built-in corpus"
             )
     splits = {s: PackedRows(folder / s) for s in ("train", "val")}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from raven_titan.data.shards import INDEX_FILE, PackingPolicy, pack_documents, write_split
+from raven_titan.data.sources import split_into_documents  # noqa: F401  (re-exported: its former home)
 from raven_titan.data.tokenizer import TokenizerInfo
 from raven_titan.errors import RavenError
 
@@ -59,28 +59,6 @@ class Progress:
             prefix, clear = ("\r", "\033[K") if self.tty else ("", "")
             sys.stderr.write(f"{prefix}[data] {message} ({time.perf_counter() - self.start:.1f} s){clear}\n")
             sys.stderr.flush()
-
-
-def split_into_documents(text: str, min_chars: int = 4000) -> list[str]:
-    """Cut a long text into documents of whole paragraphs (blank-line separated), each >= `min_chars`
-    characters except possibly one short text; a short final piece is merged into the previous document."""
-    paragraphs = [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))]
-    paragraphs = [p for p in paragraphs if p.strip()]
-    docs: list[str] = []
-    current: list[str] = []
-    size = 0
-    for p in paragraphs:
-        current.append(p)
-        size += len(p) + 2
-        if size >= min_chars:
-            docs.append("\n\n".join(current))
-            current, size = [], 0
-    if current:
-        if docs and size < min_chars // 2:
-            docs[-1] = docs[-1] + "\n\n" + "\n\n".join(current)
-        else:
-            docs.append("\n\n".join(current))
-    return docs
 
 
 def tokenize_documents(

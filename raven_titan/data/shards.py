@@ -92,6 +92,61 @@ def pack_documents(
     return np.stack(rows).astype(np.int64, copy=False)
 
 
+def wrap_documents(
+    tokens: np.ndarray, lengths: np.ndarray, order: np.ndarray, bos: int, eos: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Documents `order` (indices into `lengths`) of the back-to-back `tokens`, each wrapped as BOS, tokens,
+    EOS and concatenated in that order (vectorized). Returns (stream, wrapped lengths)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.cumsum(lengths) - lengths
+    sel = lengths[order]
+    wrapped = sel + 2
+    stream = np.empty(int(wrapped.sum()), dtype=tokens.dtype)
+    starts = np.cumsum(wrapped) - wrapped
+    body = np.ones(len(stream), dtype=bool)
+    body[starts] = body[starts + sel + 1] = False
+    stream[starts] = bos
+    stream[starts + sel + 1] = eos
+    n = int(sel.sum())
+    src = np.repeat(offsets[order] - (np.cumsum(sel) - sel), sel) + np.arange(n)
+    stream[body] = tokens[src]
+    return stream, wrapped
+
+
+class StreamPacker:
+    """`pack_documents` for a corpus that arrives in pieces: `feed` takes the next wrapped documents (a stream
+    from `wrap_documents` and the wrapped lengths) and returns the rows completed so far; tokens not yet in a
+    row wait in `pending` for the next call. Feeding a document list in any number of pieces gives the same
+    rows as one `pack_documents` call over the whole list (same policies)."""
+
+    def __init__(
+        self, row_len: int, policy: PackingPolicy = "carry", dtype: np.dtype | type = np.int64
+    ) -> None:
+        if row_len < 2:
+            raise ValueError(f"row_len must be >= 2, got {row_len}")
+        if policy not in ("carry", "drop"):
+            raise ValueError(f"unknown packing policy {policy!r}: expected 'carry' or 'drop'")
+        self.row_len, self.policy = row_len, policy
+        self.pending = np.zeros(0, dtype=dtype)
+
+    def feed(self, stream: np.ndarray, wrapped_lengths: np.ndarray) -> np.ndarray:
+        s = np.concatenate([self.pending, np.asarray(stream, dtype=self.pending.dtype)])
+        L = self.row_len
+        if self.policy == "carry":
+            n = len(s) // L
+            self.pending = s[n * L :].copy()
+            return s[: n * L].reshape(n, L)
+        starts, start = [], 0  # "drop": the buffer always begins at a document boundary
+        for end in (len(self.pending) + np.cumsum(wrapped_lengths)).tolist():
+            if end - start >= L:
+                starts.append(start)
+                start = end
+        self.pending = s[start:].copy()
+        if not starts:
+            return np.zeros((0, L), dtype=s.dtype)
+        return s[np.asarray(starts)[:, None] + np.arange(L)]
+
+
 class ShardWriter:
     """Writes rows of one split into `.bin` files (rolling over every `rows_per_file` rows) and `index.json`.
 
@@ -196,9 +251,7 @@ def read_index(split_dir: str | Path) -> dict[str, Any]:
     """Parse and sanity-check `split_dir/index.json` (RavenError naming the file otherwise)."""
     file = Path(split_dir) / INDEX_FILE
     if not file.is_file():
-        raise RavenError(
-            f"{file} not found: not a prepared split (prepare data with data_prep/prepare_text.py)"
-        )
+        raise RavenError(f"{file} not found: not a prepared split (prepare data with data_prep/prepare.py)")
     try:
         index = json.loads(file.read_text())
         version, dtype = index["format_version"], np.dtype(index["dtype"])
