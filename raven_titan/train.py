@@ -79,9 +79,9 @@ class Trainer:
         self.accum = self.global_batch // (t.local_batch_size * self.dp_size)
         self.folder = Path(job.job.dump_folder)
         if self.rank == 0:
-            dump_config(job, self.folder)
-        if job.job.print_config:
-            logger.info("config: %s", (self.folder / "config.json").read_text())
+            path = dump_config(job, self.folder)
+            if job.job.print_config:
+                logger.info("config: %s", path.read_text())
 
         tok = load_tokenizer(repo_path(job.data.tokenizer))
         if tok.vocab_size > self.args.vocab_size:
