@@ -189,9 +189,10 @@ class Parallelism:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: Literal["none", "per-iteration", "full"] = "per-iteration"
-    """none; per-iteration (each gradient core iteration recomputed in backward: memory O(k));
-    full (every block, prelude and coda included, recomputed in backward)."""
+    mode: Literal["none", "per-iteration", "selective", "full"] = "per-iteration"
+    """none; per-iteration (each gradient core iteration recomputed in backward: memory O(k)); selective
+    (per iteration, op-level: matmul and attention outputs kept, element-wise ops recomputed); full (every
+    block, prelude and coda included, recomputed in backward)."""
 
 
 @dataclass

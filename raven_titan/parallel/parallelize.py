@@ -33,16 +33,42 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """none | per-iteration (each gradient core iteration is recomputed in backward: memory O(k)) |
-    full (every block is recomputed in backward). Parameter names are unchanged (no wrapper modules)."""
+    selective (per iteration, op-level: matmul and attention outputs are kept, the cheap element-wise ops
+    recomputed) | full (every block is recomputed in backward). Parameter names are unchanged."""
     if mode == "per-iteration":
         model.grad_iteration_wrapper = _checkpointed
+    elif mode == "selective":
+        model.grad_iteration_wrapper = functools.partial(_checkpointed, context_fn=_save_matmuls)
     elif mode == "full":
         for block in _blocks(model):
             block.forward = functools.partial(_checkpointed, type(block).forward.__get__(block))
 
 
-def _checkpointed(fn, *args):
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none")
+def _checkpointed(fn, *args, context_fn=None):
+    kwargs = {"context_fn": context_fn} if context_fn else {}
+    return checkpoint(
+        fn, *args, use_reentrant=False, preserve_rng_state=False, determinism_check="none", **kwargs
+    )
+
+
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _save_matmuls():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def apply_compile(model: nn.Module) -> None:

@@ -41,8 +41,10 @@ def flops_per_token(
         raise ValueError(f"training needs k >= 1 gradient iterations (got {k}); use forward_flops_per_token")
     M, A, D, H = _terms(args, seq_len)
     Lp, Lr, Lc = args.n_layers_in_prelude, args.n_layers_in_recurrent_block, args.n_layers_in_coda
-    if ac_mode not in ("none", "per-iteration", "full"):
+    if ac_mode not in ("none", "per-iteration", "selective", "full"):
         raise ValueError(f"unknown activation checkpointing mode {ac_mode!r}")
+    if ac_mode == "selective":  # matmul and attention outputs are saved: no matmul is recomputed
+        ac_mode = "none"
     c_s = 4 if ac_mode == "full" else 3
     c_b = 3 if ac_mode == "none" else 4
     c_a = 4 if ac_mode == "per-iteration" else 3
