@@ -125,8 +125,13 @@ class Trainer:
                     loaded,
                     ignored,
                 )
-        if job.checkpoint.initial_load_path and self.step == 0:
-            logger.info("initial weights from %s", job.checkpoint.initial_load_path)
+        init_path = job.checkpoint.initial_load_path
+        if init_path and self.step == 0:
+            if (
+                Path(init_path) / ".metadata"
+            ).is_file():  # a DCP step folder (HF folders load in build_model)
+                self.checkpointer.load_model_from(Path(init_path))
+            logger.info("initial weights from %s", init_path)
         self.hub = HubPusher(job.hub if self.rank == 0 else Hub())
         self.peak = peak_flops(self.device, self.dtype)
         n_params = self.spec.num_params(self.args)

@@ -164,3 +164,16 @@ def test_async_save_is_bit_exact_and_appears_only_when_complete(tmp_path, cache_
     resumed.train()
     assert resumed.checkpointer.complete_steps() == [4, 6]
     assert losses(run) == {s: v for s, v in losses(ref).items() if s > 2}
+
+
+def test_initial_weights_from_another_runs_checkpoint(tmp_path, cache_dir):
+    import torch
+
+    source = Trainer(parse_args(argv(tmp_path / "a", cache_dir, 4, "--checkpoint.interval", "4")))
+    source.train()
+    step = tmp_path / "a" / "checkpoint" / "step-4"
+    fresh = Trainer(parse_args(argv(tmp_path / "b", cache_dir, 4, "--training.seed", "5",
+                                    "--checkpoint.initial_load_path", str(step))))  # fmt: skip
+    assert fresh.step == 0  # weights only: a new run
+    for (name, a), (_, b) in zip(source.model.named_parameters(), fresh.model.named_parameters()):
+        assert torch.equal(a, b), name

@@ -188,6 +188,14 @@ class CheckpointManager:
             shutil.rmtree(self.folder / f"step-{step}", ignore_errors=True)
 
     # ---- load -----------------------------------------------------------------------------------------------
+    def load_model_from(self, path: Path) -> None:
+        """Initial weights from another run's checkpoint step folder (model only, any layout)."""
+        try:
+            dcp.load({"model": self.states["model"]}, checkpoint_id=str(path))
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RavenError(f"could not load initial weights from {path}: {first}") from None
+
     def load(self, step: int | None = None, exclude: tuple[str, ...] = ()) -> int | None:
         """Restore the given (default: latest complete) step; returns it, or None when there is none."""
         if step is None:

@@ -237,8 +237,9 @@ class Checkpoint:
     """States not restored on resume: dataloader restarts the data order (needed when the rows read per
     micro-batch step, data-parallel size x local batch size, changed)."""
     initial_load_path: str = ""
-    """Initial weights when the run folder has no checkpoint yet: a Hugging Face folder or Hub repo in the
-    Huginn-0125 layout (e.g. the released weights). Ignored, with a log line, once the run has a checkpoint."""
+    """Initial weights when the run folder has no checkpoint yet: a checkpoint step folder of another run
+    (e.g. a seed checkpoint; any layout), or a Hugging Face folder or Hub repo in the Huginn-0125 layout (e.g.
+    the released weights). Model only. Ignored, with a log line, once the run has a checkpoint."""
     export_hf_at_end: bool = False
     """After the last step, write a Hugging Face export to <dump_folder>/hf/step-N (also done when [hub] pushes)."""
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"

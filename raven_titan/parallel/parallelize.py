@@ -9,6 +9,7 @@ this happens)."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -126,10 +127,11 @@ def build_model(spec, args, job, device: torch.device, mesh: DeviceMesh | None =
     model = (spec.parallelize or parallelize)(model, job)
     model.to_empty(device=device)
     model.init_weights(seed=job.training.seed)
-    if job.checkpoint.initial_load_path:
+    path = job.checkpoint.initial_load_path
+    if path and not (Path(path) / ".metadata").is_file():  # an HF folder or Hub repo (a DCP step: trainer)
         from raven_titan.hf.load import load_hf_weights
 
-        load_hf_weights(model, job.checkpoint.initial_load_path)
+        load_hf_weights(model, path)
     if mesh is None:
         return model, None
     cfg = job.parallelism
