@@ -8,6 +8,10 @@
 Module and parameter names follow the published Huginn-0125 layout (`raven_modeling_minimal.py`), so a
 state dict moves between the two without renames. The model is single-device; activation checkpointing,
 compile and parallelism are applied from outside (see `grad_iteration_wrapper`).
+
+For generation, `embed`, `core_step` and `decode` take an optional `RecurrentKVCache` (`cache.py`, spec §1.11):
+the new positions then start at `cache.length` (RoPE offset) and attend to the cached keys/values of every
+earlier position at the same step index. Without a cache (training, validation) every call is as before.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor, nn
 
 from raven_titan.errors import RavenError
 from raven_titan.models.raven.args import RavenArgs
+from raven_titan.models.raven.cache import RecurrentKVCache
 
 
 class RMSNorm(nn.Module):
@@ -67,7 +72,9 @@ class CausalSelfAttention(nn.Module):
             self.qk_bias = None
         self.proj = nn.Linear(self.n_heads * self.head_dim, args.n_embd, bias=False)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, freqs_cis: Tensor, cache: RecurrentKVCache | None = None, cache_key: int = 0
+    ) -> Tensor:
         B, S, _ = x.shape
         h, h_kv, d = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.Wqkv(x).split([h * d, h_kv * d, h_kv * d], dim=-1)
@@ -77,9 +84,16 @@ class CausalSelfAttention(nn.Module):
         if self.qk_bias is not None:
             q, k = q + self.qk_bias[0], k + self.qk_bias[1]
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # the new positions see every cached one and, causally, each other
+            k, v = cache.update(cache_key, k, v)
+            kv_len = k.shape[2]
+            mask = (
+                None if S == 1 else torch.ones(S, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - S)
+            )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, S, h * d))
 
 
@@ -104,8 +118,10 @@ class SandwichBlock(nn.Module):
         self.norm_3 = RMSNorm(args.n_embd, args.norm_eps)
         self.norm_4 = RMSNorm(args.n_embd, args.norm_eps)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor) -> Tensor:
-        x = self.norm_2(self.attn(self.norm_1(x), freqs_cis) + x)
+    def forward(
+        self, x: Tensor, freqs_cis: Tensor, cache: RecurrentKVCache | None = None, cache_key: int = 0
+    ) -> Tensor:
+        x = self.norm_2(self.attn(self.norm_1(x), freqs_cis, cache, cache_key) + x)
         x = self.norm_4(self.mlp(self.norm_3(x)) + x)
         return x
 
@@ -191,20 +207,21 @@ class RavenForCausalLM(nn.Module):
                 nn.init.trunc_normal_(p, mean=0.0, std=s, a=-3 * s, b=3 * s, generator=gen)
 
     # ---- the pieces of the forward pass -------------------------------------------------------------------
-    def _rope(self, seq_len: int) -> Tensor:
-        if seq_len > self.args.block_size:
+    def _rope(self, seq_len: int, offset: int = 0) -> Tensor:
+        """RoPE angles of positions offset .. offset + seq_len - 1."""
+        if offset + seq_len > self.args.block_size:
             raise RavenError(
-                f"sequence length {seq_len} exceeds model.block_size = {self.args.block_size}; "
+                f"sequence length {offset + seq_len} exceeds model.block_size = {self.args.block_size}; "
                 "raise model.block_size or use shorter sequences"
             )
-        return self.freqs_cis[:, :seq_len]
+        return self.freqs_cis[:, offset : offset + seq_len]
 
-    def embed(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, cache: RecurrentKVCache | None = None) -> Tensor:
         """e = prelude(wte[ids] * embed_scale): the input injected into every core iteration."""
-        freqs_cis = self._rope(input_ids.shape[1])
+        freqs_cis = self._rope(input_ids.shape[1], cache.length if cache is not None else 0)
         x = self.transformer.wte(input_ids) * self.args.embed_scale
-        for block in self.transformer.prelude:
-            x = block(x, freqs_cis)
+        for i, block in enumerate(self.transformer.prelude):
+            x = block(x, freqs_cis) if cache is None else block(x, freqs_cis, cache, i)
         return x
 
     def initialize_state(
@@ -230,23 +247,27 @@ class RavenForCausalLM(nn.Module):
                 nn.init.trunc_normal_(row, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)
         return (s * (self.args.embed_scale * init_scale)).to(e.dtype)
 
-    def core_step(self, state: Tensor, e: Tensor) -> Tensor:
-        """One recurrence: s <- core(adapter([s; e])) (state first), or core(s + e) for additive injection."""
-        freqs_cis = self._rope(e.shape[1])
+    def core_step(
+        self, state: Tensor, e: Tensor, cache: RecurrentKVCache | None = None, iteration: int = 0
+    ) -> Tensor:
+        """One recurrence: s <- core(adapter([s; e])) (state first), or core(s + e) for additive injection.
+        `iteration` (0-based) only names the cache entries."""
+        freqs_cis = self._rope(e.shape[1], cache.length if cache is not None else 0)
         if self.args.injection_type == "linear":
             x = self.transformer.adapter(torch.cat([state, e], dim=-1))
         else:
             x = state + e
-        for block in self.transformer.core_block:
-            x = block(x, freqs_cis)
+        first = self.args.n_layers_in_prelude + iteration * self.args.n_layers_in_recurrent_block
+        for j, block in enumerate(self.transformer.core_block):
+            x = block(x, freqs_cis) if cache is None else block(x, freqs_cis, cache, first + j)
         return x
 
-    def decode(self, latent: Tensor) -> Tensor:
+    def decode(self, latent: Tensor, cache: RecurrentKVCache | None = None) -> Tensor:
         """fp32 logits = lm_head(ln_f(coda(latent))), where latent = ln_f(state)."""
-        freqs_cis = self._rope(latent.shape[1])
+        freqs_cis = self._rope(latent.shape[1], cache.length if cache is not None else 0)
         x = latent
-        for block in self.transformer.coda:
-            x = block(x, freqs_cis)
+        for i, block in enumerate(self.transformer.coda):
+            x = block(x, freqs_cis) if cache is None else block(x, freqs_cis, cache, -(i + 1))
         return self.lm_head(self.transformer.ln_f(x)).float()
 
     def predict(self, state: Tensor) -> Tensor:
@@ -296,6 +317,7 @@ __all__ = [
     "RMSNorm",
     "RavenForCausalLM",
     "RavenOutput",
+    "RecurrentKVCache",
     "SandwichBlock",
     "apply_rotary_emb",
     "precompute_freqs_cis",
