@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from raven_titan.checkpoint import CheckpointManager, ModelState, OptimizerState, RNGState, TrainState
 from raven_titan.config.job_config import Hub, JobConfig
-from raven_titan.config.manager import REPO_ROOT, dump_config, parse_args, repo_path
+from raven_titan.config.manager import REPO_ROOT, dump_config, parse_args, repo_path, resolved_dict
 from raven_titan.data.default_corpus import resolve_dataset
 from raven_titan.data.loader import build_dataloader
 from raven_titan.data.tokenizer import load_tokenizer
@@ -101,7 +101,12 @@ class Trainer:
         self.model, self.reducer = build_model(self.spec, self.args, job, self.device, self.mesh)
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, job.lr_scheduler, t.steps)
-        self.metrics = MetricsLogger(self.folder, job.metrics.enable_jsonl and self.rank == 0)
+        self.metrics = MetricsLogger(
+            self.folder,
+            job.metrics.enable_jsonl and self.rank == 0,
+            job.metrics if self.rank == 0 else None,
+            resolved_dict(job),
+        )
         self.state = TrainState()
         self.checkpointer = CheckpointManager(
             job.checkpoint, self.folder,

@@ -127,3 +127,31 @@ def test_export_at_end_then_initial_load_and_a_failing_push_does_not_stop_traini
     )
     for (name, a), (_, b) in zip(trainer.model.named_parameters(), fresh.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_tensorboard_and_wandb_offline_sinks_get_the_same_records(tmp_path, cache_dir, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = make_trainer(
+        tmp_path, cache_dir, "--training.steps", "4", "--metrics.log_freq", "2", "--validation.enable",
+        "--validation.freq", "4", "--validation.depths", "1", "2", "--validation.steps", "1",
+        "--metrics.enable_tensorboard", "--metrics.enable_wandb", "--metrics.wandb_mode", "offline",
+    )  # fmt: skip
+    trainer.train()
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    val = next(r for r in records if r["kind"] == "validation")
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tb_loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert tb_loss == pytest.approx(train, rel=1e-6)
+    assert events.Scalars("validation/val_loss_d2")[0].value == pytest.approx(val["val_loss"]["2"], rel=1e-6)
+    # the offline run file stores each history item as key + JSON value text (protobuf strings)
+    (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    data = wandb_file.read_bytes()
+    for key, value in [("train/loss", train[4]), ("validation/val_loss_d1", val["val_loss"]["1"])]:
+        assert key.encode() in data and json.dumps(value).encode() in data, key

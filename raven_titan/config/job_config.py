@@ -131,6 +131,14 @@ class Metrics:
     """Log a console line and a metrics.jsonl record every this many steps (and at the last step)."""
     enable_jsonl: bool = True
     """Write metrics.jsonl in the run folder."""
+    enable_tensorboard: bool = False
+    """Also write every record to TensorBoard event files in <dump_folder>/tb (needs `pip install tensorboard`)."""
+    enable_wandb: bool = False
+    """Also log every record to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str = "raven_titan"
+    """W&B project name."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline: write the run under <dump_folder>/wandb for a later `wandb sync`; online: stream it."""
     telemetry_freq: NonNegInt = 0
     """Every this many steps, record recurrence telemetry (state norms, relative residual, token correlation
     of latent and last hidden state: collapse warning) and per-group gradient norm / update size (0: off)."""

@@ -1,4 +1,5 @@
-"""One record, several sinks: a one-line console log and `metrics.jsonl` in the run folder."""
+"""One record, several sinks: a one-line console log, `metrics.jsonl` in the run folder, and optionally
+TensorBoard and Weights & Biases (each an optional install, imported only when enabled)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from raven_titan.errors import RavenError
 
 logger = logging.getLogger("raven_titan")
 
@@ -35,15 +38,56 @@ def format_val_table(step: int, losses: dict[int, float]) -> str:
     return f"validation @ step {step}\n  depth {depths}\n  loss  {loss}\n  ppl   {ppl}"
 
 
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a record as `kind/name` scalars (validation losses as `validation/loss_d<depth>`)."""
+    kind = record.get("kind", "train")
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):  # val_loss / val_ppl per depth
+            out.update({f"{kind}/{key}_d{d}": float(v) for d, v in value.items()})
+        elif isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
+            out[f"{kind}/{key}"] = float(value)
+    return out
+
+
 class MetricsLogger:
-    def __init__(self, folder: Path, enable_jsonl: bool = True) -> None:
+    def __init__(self, folder: Path, enable_jsonl: bool = True, cfg=None, config: dict | None = None) -> None:
+        """`cfg` is the `[metrics]` section (TensorBoard / W&B switches); `config` the resolved job config
+        given to W&B. Pass enable_jsonl=False and cfg=None on ranks other than 0."""
         self.path = folder / "metrics.jsonl" if enable_jsonl else None
         self._file = open(self.path, "a") if self.path else None  # noqa: SIM115
+        self._tb = self._wandb = None
+        if cfg is not None and cfg.enable_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RavenError(
+                    "metrics.enable_tensorboard needs the tensorboard package: pip install tensorboard==2.21.0"
+                ) from None
+            self._tb = SummaryWriter(log_dir=str(folder / "tb"))
+        if cfg is not None and cfg.enable_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RavenError(
+                    "metrics.enable_wandb needs the wandb package: pip install wandb==0.31.0"
+                ) from None
+            folder.mkdir(parents=True, exist_ok=True)
+            self._wandb = wandb.init(
+                project=cfg.wandb_project, dir=str(folder), mode=cfg.wandb_mode, config=config or {}
+            )
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._tb is not None or self._wandb is not None:
+            values = {k: v for k, v in scalars(record).items() if math.isfinite(v)}
+            if self._tb is not None:
+                for key, value in values.items():
+                    self._tb.add_scalar(key, value, global_step=record["step"])
+            if self._wandb is not None:
+                self._wandb.log(values, step=record["step"])
 
     def log_train(self, record: dict[str, Any]) -> None:
         self._write({"kind": "train", **record})
@@ -71,3 +115,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self._file:
             self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
