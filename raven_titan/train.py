@@ -29,7 +29,7 @@ from raven_titan.config.manager import REPO_ROOT, dump_config, parse_args, repo_
 from raven_titan.data.default_corpus import resolve_dataset
 from raven_titan.data.loader import build_dataloader
 from raven_titan.data.tokenizer import load_tokenizer
-from raven_titan.errors import RavenError
+from raven_titan.errors import RavenError, run_command
 from raven_titan.hf.export import export_from_checkpoint, export_hf
 from raven_titan.hf.hub import HubPusher
 from raven_titan.metrics import peak_flops, peak_memory_gib, reset_peak_memory
@@ -489,23 +489,19 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     setup_logging()
-    try:
+
+    def body() -> None:
         job = parse_args(argv, default_config=str(DEFAULT_CONFIG))
         if job.job.dry_run:
             from raven_titan.dry_run import dry_run
 
             dry_run(job)
-            return 0
+            return
         state = {"trainer": Trainer(job)}
         state["trainer"].train()
         teardown(state)
-    except RavenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from raven_titan.errors import RavenError
+from raven_titan.errors import RavenError, run_command
 
 EXIT_CRITERIA = ("kl", "entropy-diff", "latent-diff", "argmax-stability")
 
@@ -528,7 +528,8 @@ DEFAULT_THRESHOLDS = {"kl": 5e-4, "entropy-diff": 1e-3, "latent-diff": 0.03, "ar
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> None:
         device = ns.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -548,27 +549,22 @@ def main(argv: list[str] | None = None) -> int:
             exit_criterion=ns.exit_criterion, exit_threshold=threshold, use_cache=ns.use_cache,
             init_scale=ns.init_scale,
         )  # fmt: skip
-    except RavenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    max_steps = ns.num_steps or model.args.mean_recurrence
-    summary = (
-        f"{len(result.tokens)} tokens in {result.seconds:.2f} s; depth per token: mean {result.mean_steps:.2f} "
-        f"(min {min(result.steps_per_token)}, max {max(result.steps_per_token)}; limit {max_steps})"
-        + (f", exit: {_exit_rule(ns.exit_criterion, threshold)}" if ns.exit_criterion else "")
-    )
-    if ns.json:
-        print(json.dumps({
-            "text": result.text, "tokens": result.tokens, "steps_per_token": result.steps_per_token,
-            "mean_steps": result.mean_steps, "stopped": result.stopped, "step": model.loaded_step,
-        }))  # fmt: skip
-    else:
-        print(result.text, flush=True)
-    print(summary, file=sys.stderr)
-    return 0
+        max_steps = ns.num_steps or model.args.mean_recurrence
+        summary = (
+            f"{len(result.tokens)} tokens in {result.seconds:.2f} s; depth per token: mean {result.mean_steps:.2f} "
+            f"(min {min(result.steps_per_token)}, max {max(result.steps_per_token)}; limit {max_steps})"
+            + (f", exit: {_exit_rule(ns.exit_criterion, threshold)}" if ns.exit_criterion else "")
+        )
+        if ns.json:
+            print(json.dumps({
+                "text": result.text, "tokens": result.tokens, "steps_per_token": result.steps_per_token,
+                "mean_steps": result.mean_steps, "stopped": result.stopped, "step": model.loaded_step,
+            }))  # fmt: skip
+        else:
+            print(result.text, flush=True)
+        print(summary, file=sys.stderr)
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from raven_titan.errors import RavenError
+from raven_titan.errors import RavenError, run_command
 
 TASKS = ("chase", "add")
 VARIABLES = string.ascii_lowercase
@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> None:
         if ns.command == "prepare":
             start = time.perf_counter()
             folder = prepare(
@@ -503,13 +504,8 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             print(format_table(results))
             print(f"results: {results['json']}" + (f"\nplot: {results['plot']}" if "plot" in results else ""))
-    except RavenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(body)
 
 
 __all__ = [

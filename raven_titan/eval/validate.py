@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raven_titan.errors import RavenError
+from raven_titan.errors import RavenError, run_command
 
 logger = logging.getLogger("raven_titan")
 
@@ -231,15 +231,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    try:
+
+    def body() -> None:
         validate_run(args.run, args.step, args.depths, args.steps, args.device, args.record)
-    except RavenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raven_titan.errors import RavenError
+from raven_titan.errors import RavenError, run_command
 from raven_titan.models.raven.args import RavenArgs
 
 logger = logging.getLogger("raven_titan")
@@ -473,15 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = export_from_checkpoint(
-            ns.run, ns.step, ns.out, DTYPES[ns.dtype], ns.tokenizer, max(int(ns.max_shard_gib * 2**30), 1)
-        )
-    except RavenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+
+    def body() -> None:
+        shard = max(int(ns.max_shard_gib * 2**30), 1)
+        print(export_from_checkpoint(ns.run, ns.step, ns.out, DTYPES[ns.dtype], ns.tokenizer, shard))
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from raven_titan.errors import RavenError
+from raven_titan.errors import run_command
 from raven_titan.hf.hub import DEFAULT_MESSAGE, push_folder
 
 
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         url = push_folder(
             args.folder,
             args.repo_id,
@@ -59,11 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             max_retries=args.max_retries,
             backoff_seconds=args.backoff_seconds,
         )
-    except RavenError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    print(url)
-    return 0
+        print(url)
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

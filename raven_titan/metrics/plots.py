@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raven_titan.errors import RavenError
+from raven_titan.errors import RavenError, run_command
 
 MATPLOTLIB_PIN = "matplotlib==3.11.2"
 
@@ -359,17 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files (created if needed)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        written = make_plots(args.runs, args.out)
-    except RavenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not written:
-        print(
-            "error: nothing to plot: the runs have no train, validation or telemetry records", file=sys.stderr
-        )
-        return 2
-    return 0
+
+    def body() -> None:
+        if not make_plots(args.runs, args.out):
+            raise RavenError("nothing to plot: the runs have no train, validation or telemetry records")
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
