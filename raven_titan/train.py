@@ -26,8 +26,10 @@ from torch.distributed.tensor import DTensor
 from raven_titan.checkpoint import CheckpointManager, ModelState, OptimizerState, RNGState, TrainState
 from raven_titan.config.job_config import Hub, JobConfig
 from raven_titan.config.manager import REPO_ROOT, dump_config, parse_args, repo_path, resolved_dict
-from raven_titan.data.default_corpus import resolve_dataset
-from raven_titan.data.loader import build_dataloader
+from raven_titan.data.default_corpus import resolve_sources
+from raven_titan.data.loader import build_train_loader, val_batches
+from raven_titan.data.mixture import Mixture, Source
+from raven_titan.data.shards import PackedRows
 from raven_titan.data.tokenizer import load_tokenizer
 from raven_titan.errors import RavenError, run_command
 from raven_titan.hf.export import export_from_checkpoint, export_hf
@@ -89,11 +91,16 @@ class Trainer:
                 f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size = {self.args.vocab_size}; "
                 "set model.vocab_size to at least the tokenizer's size"
             )
-        self.dataset = self._on_rank0_first(lambda: resolve_dataset(job.data, t.seq_len, tok))
-        self.train_loader = build_dataloader(
-            self.dataset, "train", t.local_batch_size, self.dp_rank, self.dp_size, t.seed,
-            job.data.num_workers, infinite=True,
-        )  # fmt: skip
+        self.sources = self._on_rank0_first(lambda: resolve_sources(job.data, t.seq_len, tok))
+        self.train_splits = [PackedRows(folder / "train") for _, folder in self.sources]
+        self.mixture = Mixture(
+            [
+                Source(s.name, len(rows), s.weight, s.epochs)
+                for (s, _), rows in zip(self.sources, self.train_splits)
+            ],
+            t.seed,
+        )
+        self.val_by_source: dict[str, dict[int, float]] = {}
         self.train_iter = None  # created on first use, after a checkpoint may have restored the position
 
         torch.manual_seed(t.seed)
@@ -120,7 +127,6 @@ class Trainer:
             exclude = tuple(job.checkpoint.exclude_from_loading)
             loaded = self.checkpointer.load(load_step, exclude)
             if loaded is not None:
-                self._restore_data_position(skip="dataloader" in exclude)
                 ignored = (
                     " (checkpoint.initial_load_path ignored)" if job.checkpoint.initial_load_path else ""
                 )
@@ -130,6 +136,9 @@ class Trainer:
                     loaded,
                     ignored,
                 )
+                if "dataloader" in exclude:
+                    self.state.data = self.mixture.start()
+                    logger.info("data order restarts from the beginning (checkpoint.exclude_from_loading)")
         init_path = job.checkpoint.initial_load_path
         if init_path and self.step == 0:
             if (
@@ -137,16 +146,18 @@ class Trainer:
             ).is_file():  # a DCP step folder (HF folders load in build_model)
                 self.checkpointer.load_model_from(Path(init_path))
             logger.info("initial weights from %s", init_path)
+        self._check_data_position()
         self.hub = HubPusher(job.hub if self.rank == 0 else Hub())
         self.peak = peak_flops(self.device, self.dtype)
         n_params = self.spec.num_params(self.args)
         logger.info(
             "model %s/%s: %s parameters (core %s); device %s, %s autocast; global batch %d = %d x %d accum x %d "
-            "ranks; %d tokens/step; dataset %s",
+            "ranks; %d tokens/step",
             job.model.name, job.model.flavor, f"{n_params['total']:,}", f"{n_params['core']:,}", self.device,
             t.mixed_precision_param, self.global_batch, t.local_batch_size, self.accum, self.dp_size,
-            self.global_batch * t.seq_len, self.dataset,
+            self.global_batch * t.seq_len,
         )  # fmt: skip
+        self._log_sources()
 
     def _on_rank0_first(self, fn):
         """Run `fn` on rank 0 (e.g. preparing the built-in corpus on first use), then on the others; an error
@@ -172,38 +183,53 @@ class Trainer:
     def step(self) -> int:
         return self.state.step
 
-    def _rows_per_micro_batch(self) -> tuple[int, int]:
-        """(rows read by all ranks per micro-batch step, rows per loader epoch)."""
-        sampler = self.train_loader.batch_sampler
-        rows = sampler.batch_size * sampler.world_size
-        return rows, sampler.batches_per_epoch * rows
-
-    def _restore_data_position(self, skip: bool) -> None:
-        """Point every rank's loader at the checkpoint's global data position (no row repeated or skipped)."""
-        s, sampler = self.state, self.train_loader.batch_sampler
-        if skip:
-            s.data_epoch = s.data_rows = 0
-            logger.info("data order restarts from the beginning (checkpoint.exclude_from_loading)")
-            return
-        rows, per_epoch = self._rows_per_micro_batch()
-        if s.data_rows_per_epoch not in (0, per_epoch) or s.data_rows % rows:
-            raise RavenError(
-                f"the checkpoint's data position (epoch {s.data_epoch}, row {s.data_rows} of "
-                f"{s.data_rows_per_epoch}) does not map onto this layout ({rows} rows per micro-batch step, "
-                f"{per_epoch} per epoch): keep data-parallel size x local batch size as before, or set "
-                "checkpoint.exclude_from_loading = ['dataloader'] to restart the data order"
+    def _check_data_position(self) -> None:
+        """Reconcile the (possibly restored) data position with this run's sources, and refuse a run whose
+        sources' epochs limits cannot supply its remaining steps."""
+        data, names = self.state.data, self.mixture.names
+        dropped = sorted(set(data["consumed"]) - set(names))
+        if dropped:
+            logger.info(
+                "data sources no longer in the mixture (their counts are dropped): %s", ", ".join(dropped)
             )
-        sampler.load_state_dict({"epoch": s.data_epoch, "batch": s.data_rows // rows, **sampler.identity()})
+        data["consumed"] = {n: int(data["consumed"].get(n, 0)) for n in names}
+        needed = (self.job.training.steps - self.step) * self.global_batch
+        left = self.mixture.remaining(data)
+        if needed > left:
+            raise RavenError(
+                f"the data sources' epochs limits leave {left:.0f} rows but the remaining "
+                f"{self.job.training.steps - self.step} steps need {needed}; raise data.sources[].epochs "
+                "(or remove it) or lower training.steps"
+            )
+
+    def _log_sources(self) -> None:
+        t, total_w = self.job.training, float(self.mixture.weights.sum())
+        run_rows = t.steps * self.global_batch
+        for (s, folder), rows in zip(self.sources, self.train_splits):
+            share = s.weight / total_w
+            logger.info(
+                "data source %s: %s, %d train rows (%s tokens), weight %.3g (%.1f%%)%s; this run reads ~%.3g "
+                "epochs of it",
+                s.name, folder, len(rows), f"{len(rows) * t.seq_len:,}", s.weight, 100 * share,
+                "" if s.epochs is None else f", at most {s.epochs:g} epochs", share * run_rows / len(rows),
+            )  # fmt: skip
+
+    def tokens_per_source(self) -> dict[str, int]:
+        return {n: c * self.job.training.seq_len for n, c in self.state.data["consumed"].items()}
 
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        t = self.job.training
         if self.train_iter is None:
-            self.train_iter = iter(self.train_loader)
+            loader = build_train_loader(
+                self.train_splits, self.mixture, t.local_batch_size, self.dp_rank, self.dp_size,
+                self.job.data.num_workers, position=self.state.data, pin_memory=self.device.type == "cuda",
+            )  # fmt: skip
+            self.train_iter = iter(loader)
         batches = []
-        rows, per_epoch = self._rows_per_micro_batch()
         for _ in range(self.accum):
             inputs, labels = next(self.train_iter)
             batches.append((inputs.to(self.device), labels.to(self.device)))
-            self.state.advance_data(rows, per_epoch)
+            _, _, self.state.data = self.mixture.draw(self.state.data, t.local_batch_size * self.dp_size)
         return batches
 
     def forward_backward(self, batches, n: int, k: int) -> tuple[torch.Tensor, int]:
@@ -315,24 +341,43 @@ class Trainer:
     # ---- validation --------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict[int, float]:
+        """Per-depth validation loss: over the first `validation.steps` batches of each source's val split,
+        then the mixture-weighted mean over sources (one source: its loss). Each source's losses are kept in
+        `self.val_by_source` when there are several."""
         v, t = self.job.validation, self.job.training
         depths = [d for d in v.depths if d <= v.max_depth]
-        loader = build_dataloader(
-            self.dataset, "val", t.local_batch_size, self.dp_rank, self.dp_size, t.seed, 0, infinite=False
-        )
-        batches = []
-        for inputs, labels in loader:
-            batches.append((inputs.to(self.device), labels.to(self.device)))
-            if len(batches) == v.steps:
-                break
-        if not batches:
-            raise RavenError(f"the validation split of {self.dataset} is empty; prepare more data")
+        by_source = {}
+        for s, folder in self.sources:
+            rows = PackedRows(folder / "val")
+            batches = [
+                (inputs.to(self.device), labels.to(self.device))
+                for inputs, labels in val_batches(
+                    rows, t.local_batch_size, self.dp_rank, self.dp_size, v.steps
+                )
+            ]
+            if not batches:
+                raise RavenError(
+                    f"{folder / 'val'} (data source {s.name}) has {len(rows)} rows, fewer than one validation "
+                    f"batch on every rank ({self.dp_size} x {t.local_batch_size}); prepare more data or lower "
+                    "training.local_batch_size"
+                )
+            by_source[s.name] = self._val_losses(batches, depths)
+        weights = {s.name: s.weight for s, _ in self.sources}
+        total_w = sum(weights.values())
+        self.val_by_source = by_source if len(by_source) > 1 else {}
+        return {d: sum(weights[n] * ls[d] for n, ls in by_source.items()) / total_w for d in depths}
+
+    def _val_losses(self, batches, depths: list[int]) -> dict[int, float]:
+        t = self.job.training
         self.model.eval()
         losses = {}
         for depth in depths:
             total, count = 0.0, 0
             for b, (inputs, labels) in enumerate(batches):
-                seeds = [state_seed(t.seed, -1, b * inputs.shape[0] + i) for i in range(inputs.shape[0])]
+                bsz = inputs.shape[0]
+                seeds = [
+                    state_seed(t.seed, -1, self.dp_rank + self.dp_size * (b * bsz + i)) for i in range(bsz)
+                ]
                 with self.autocast():
                     logits = self.model(inputs, num_steps=(depth, 0), state_seeds=seeds).logits
                 total += float(
@@ -375,7 +420,7 @@ class Trainer:
                 self._log(out, window, start)
                 window = {"tokens": 0, "flops": 0.0, "time": 0.0}
             if job.validation.enable and (self.step % job.validation.freq == 0 or self.step == t.steps):
-                self.metrics.log_validation(self.step, self.validate())
+                self.metrics.log_validation(self.step, self.validate(), self.val_by_source)
             if t.time_limit_minutes and time.perf_counter() - start > 60 * t.time_limit_minutes:
                 stop.requested = stop.requested or "time limit"
             if self.dp_size > 1 and self._all_reduce(int(stop.requested is not None)):
@@ -439,6 +484,7 @@ class Trainer:
                 "num_steps_with_grad": out["k"],
                 "tokens_per_second": tps,
                 "tokens_seen": self.state.tokens_seen,
+                "tokens_per_source": self.tokens_per_source(),
                 "tflops": flops_per_s / 1e12,
                 "mfu": None if self.peak is None else flops_per_s / self.peak / self.dp_size,
                 "memory_gib": mem,

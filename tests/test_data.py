@@ -18,7 +18,8 @@ import raven_titan.data.default_corpus as default_corpus
 import raven_titan.data.prepare as prepare
 from raven_titan.config.job_config import Data
 from raven_titan.data.default_corpus import prepare_default_corpus, resolve_dataset
-from raven_titan.data.loader import DistributedRowSampler, build_dataloader
+from raven_titan.data.loader import build_train_loader, val_batches
+from raven_titan.data.mixture import Mixture, Source
 from raven_titan.data.shards import PackedRows, pack_documents, write_split
 from raven_titan.data.tokenizer import load_tokenizer
 from raven_titan.errors import RavenError
@@ -199,88 +200,99 @@ def take(loader, n: int) -> list[list[int]]:
     return [row_ids(next(it)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
+def one_source(folder: Path, batch: int, rank: int, world: int, seed: int, workers: int = 0, position=None):
+    rows = PackedRows(folder / "train")
+    mixture = Mixture([Source("a", len(rows), 1.0)], seed)
+    return build_train_loader([rows], mixture, batch, rank, world, workers, position)
+
+
+def global_stream(per_rank: list[list[list[int]]]) -> list[int]:
+    """Interleave the ranks' batches back into global order (position j of a global batch is rank j % W)."""
+    world = len(per_rank)
+    out = []
+    for g in range(len(per_rank[0])):
+        batch = len(per_rank[0][g])
+        out += [per_rank[j % world][g][j // world] for j in range(world * batch)]
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_every_row_once_per_epoch(tmp_path, world):
     folder = make_loader_dataset(tmp_path, num_rows=60)
-    per_rank = []
-    for rank in range(world):
-        loader = build_dataloader(folder, "train", 2, rank, world, seed=3, num_workers=0, infinite=True)
-        assert len(loader) == 60 // (2 * world)
-        per_rank.append(take(loader, 2 * len(loader)))  # two epochs
-    bpe = 60 // (2 * world)
-    epochs = []
-    for e in range(2):
-        seen = [r for rank in per_rank for b in rank[e * bpe : (e + 1) * bpe] for r in b]
-        assert sorted(seen) == list(range(60))
-        epochs.append(seen)
-    assert epochs[0] != epochs[1]  # a new permutation every epoch
+    batches = -(-120 // (2 * world))  # enough global batches for two epochs (60 is not a multiple of 16)
+    per_rank = [take(one_source(folder, 2, rank, world, seed=3), batches) for rank in range(world)]
+    stream = global_stream(per_rank)
+    assert len({len(r) for r in per_rank}) == 1  # every rank gets the same number of full batches
+    first, second = stream[:60], stream[60:120]
+    assert sorted(first) == sorted(second) == list(range(60))  # no row dropped or repeated within an epoch
+    assert first != second and first != list(range(60))  # shuffled, with a new permutation every epoch
+    if world == 8:  # the same global order whatever the number of ranks
+        assert stream[:120] == global_stream([take(one_source(folder, 2, 0, 1, seed=3), 60)])[:120]
 
 
-def test_uneven_rows_at_most_once_and_equal_batches(tmp_path):
+def test_validation_batches_fixed_order_and_equal_counts(tmp_path):
     folder = make_loader_dataset(tmp_path, num_rows=61)
-    lengths, seen = set(), []
-    for rank in range(3):
-        sampler = DistributedRowSampler(61, 2, rank, 3, seed=0, infinite=False)
-        batches = list(sampler)
-        lengths.add(len(batches))
-        assert all(len(b) == 2 for b in batches)
-        seen += [i for b in batches for i in b]
-    assert lengths == {10} and len(seen) == len(set(seen)) == 60
-    with pytest.raises(RavenError, match="fewer than one global batch"):
-        build_dataloader(folder, "val", 8, 0, 2, seed=0, num_workers=0, infinite=False)
-
-
-def test_validation_is_fixed_order_single_pass(tmp_path):
-    folder = make_loader_dataset(tmp_path, num_rows=30)
-    loader = build_dataloader(folder, "val", 2, 1, 2, seed=5, num_workers=0, infinite=False)
-    first = [row_ids(b) for b in loader]
-    assert first == [[1, 3], [5, 7], [9, 11]]
-    assert [row_ids(b) for b in loader] == first  # every pass starts again at the first batch
+    rows = PackedRows(folder / "train")
+    per_rank = [[row_ids(b) for b in val_batches(rows, 2, rank, 3)] for rank in range(3)]
+    assert [len(r) for r in per_rank] == [10, 10, 10]
+    seen = [i for r in per_rank for b in r for i in b]
+    assert sorted(seen) == list(range(60))  # file order, strided, the last row unused
+    assert per_rank[1][:2] == [[1, 4], [7, 10]]
+    assert [row_ids(b) for b in val_batches(rows, 2, 1, 3)] == per_rank[1]  # the same batches every time
+    assert len(list(val_batches(rows, 2, 0, 3, max_batches=4))) == 4
+    assert list(val_batches(rows, 32, 0, 2)) == []
 
 
 def test_same_seed_same_order(tmp_path):
     folder = make_loader_dataset(tmp_path, num_rows=40)
-    a = take(build_dataloader(folder, "train", 4, 0, 1, seed=7, num_workers=0, infinite=True), 12)
-    b = take(build_dataloader(folder, "train", 4, 0, 1, seed=7, num_workers=0, infinite=True), 12)
-    c = take(build_dataloader(folder, "train", 4, 0, 1, seed=8, num_workers=0, infinite=True), 12)
+    a = take(one_source(folder, 4, 0, 1, seed=7), 12)
+    b = take(one_source(folder, 4, 0, 1, seed=7), 12)
+    c = take(one_source(folder, 4, 0, 1, seed=8), 12)
     assert a == b and a != c
 
 
 @pytest.mark.parametrize(("workers", "rank", "world"), [(0, 0, 1), (0, 1, 2), (2, 0, 1)])
 def test_resume_mid_epoch_is_exact(tmp_path, workers, rank, world):
     folder = make_loader_dataset(tmp_path, num_rows=60)
-
-    def build():
-        return build_dataloader(folder, "train", 2, rank, world, seed=11, num_workers=workers, infinite=True)
-
-    bpe = 60 // (2 * world)
-    n = bpe - 5  # the next 50 batches cross at least one epoch boundary
-    loader = build()
+    n = 60 // (2 * world) - 5  # mid-epoch; the next 100 batches cross several epoch boundaries
+    loader = one_source(folder, 2, rank, world, seed=11, workers=workers)
     it = iter(loader)
     for _ in range(n):
         next(it)
     buffer = io.BytesIO()
     torch.save(loader.state_dict(), buffer)  # as a checkpoint would store it
-    expected = [row_ids(next(it)) for _ in range(50)]
+    expected = [row_ids(next(it)) for _ in range(100)]
     del it, loader
 
-    resumed = build()
+    resumed = one_source(folder, 2, rank, world, seed=11, workers=workers)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=False))
-    assert take(resumed, 50) == expected
+    assert take(resumed, 100) == expected
+    assert (
+        take(one_source(folder, 2, rank, world, seed=11), n + 100)[n:] == expected
+    )  # the uninterrupted order
 
-    fresh = take(build(), n + 50)
-    assert fresh[n:] == expected  # and it is the uninterrupted order
 
-
-def test_resume_with_other_layout_refused(tmp_path):
+def test_resume_from_the_global_position_on_another_layout(tmp_path):
+    """The trainer's way: the mixture position (the same on every rank) continues on any layout."""
     folder = make_loader_dataset(tmp_path, num_rows=60)
-    loader = build_dataloader(folder, "train", 2, 0, 2, seed=0, num_workers=0, infinite=True)
+    rows = PackedRows(folder / "train")
+    mixture = Mixture([Source("a", len(rows), 1.0)], seed=5)
+    position = mixture.start()
+    for _ in range(7):  # 7 global batches of 2 ranks x 2 rows
+        _, _, position = mixture.draw(position, 4)
+    continued = global_stream([take(one_source(folder, 2, r, 2, seed=5), 40)[7:] for r in range(2)])
+    other = [take(build_train_loader([rows], mixture, 1, r, 3, position=position), 44) for r in range(3)]
+    assert global_stream(other) == continued[:132]
+
+
+def test_loader_state_of_another_rank_refused(tmp_path):
+    folder = make_loader_dataset(tmp_path, num_rows=60)
+    loader = one_source(folder, 2, 0, 2, seed=0)
     take(loader, 3)
-    state = loader.state_dict()
-    other = build_dataloader(folder, "train", 2, 0, 3, seed=0, num_workers=0, infinite=True)
-    other.load_state_dict(state)
-    with pytest.raises(RavenError, match="world_size 2 -> 3"):
+    other = one_source(folder, 2, 1, 2, seed=0)
+    with pytest.raises(RavenError, match="saved by rank 0 of 2 .* loaded into rank 1 of 2"):
+        other.load_state_dict(loader.state_dict())
         next(iter(other))
 
 
@@ -372,6 +384,6 @@ def test_resolve_shakespeare_trains(tmp_path, tok_info, monkeypatch):
     real = default_corpus.prepare_default_corpus
     monkeypatch.setattr(default_corpus, "prepare_default_corpus", lambda c, s, t: real(c, s, t, max_plays=1))
     folder = resolve_dataset(Data(cache_dir=str(tmp_path)), 64, tok_info)
-    inputs, labels = next(iter(build_dataloader(folder, "train", 4, 0, 1, 0, 0, True)))
+    inputs, labels = next(iter(one_source(folder, 4, 0, 1, seed=0)))
     assert inputs.shape == labels.shape == (4, 64) and inputs.dtype == torch.int64
     assert int(inputs.max()) < tok_info.vocab_size and os.path.isdir(folder / "val")

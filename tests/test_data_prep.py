@@ -297,7 +297,7 @@ def test_corrupt_shards_and_vocabulary_mismatch_refused_at_startup(tmp_path, inf
 
     src = write_jsonl(tmp_path / "a.jsonl", make_docs(words, 100, seed=9))
     out = prep(tmp_path, [src], rows_per_file=20)
-    assert resolve_dataset(Data(dataset=str(out)), 63, info) == out
+    assert resolve_dataset(Data(dataset=str(out), cache_dir=str(tmp_path)), 63, info) == out
 
     def variant(name: str) -> Path:
         copy = tmp_path / name
@@ -309,13 +309,13 @@ def test_corrupt_shards_and_vocabulary_mismatch_refused_at_startup(tmp_path, inf
     raw[8] ^= 1
     (flipped / "train" / "00001.bin").write_bytes(bytes(raw))
     with pytest.raises(RavenError, match=r"train/00001.bin: checksum mismatch"):
-        resolve_dataset(Data(dataset=str(flipped)), 63, info)
+        resolve_dataset(Data(dataset=str(flipped), cache_dir=str(tmp_path)), 63, info)
 
     cut = variant("cut")
     victim = cut / "val" / "00000.bin"
     victim.write_bytes(victim.read_bytes()[:-2])
     with pytest.raises(RavenError, match=r"val/00000.bin is truncated"):
-        resolve_dataset(Data(dataset=str(cut)), 63, info)
+        resolve_dataset(Data(dataset=str(cut), cache_dir=str(tmp_path)), 63, info)
 
     big = variant("big")
     victim = big / "train" / "00002.bin"
@@ -327,17 +327,17 @@ def test_corrupt_shards_and_vocabulary_mismatch_refused_at_startup(tmp_path, inf
     index["files"][2]["sha256"] = hashlib.sha256(victim.read_bytes()).hexdigest()
     index_file.write_text(json.dumps(index))
     with pytest.raises(RavenError, match=r"00002.bin: row 1 holds token id 5000 >= vocabulary size 4096"):
-        resolve_dataset(Data(dataset=str(big)), 63, info)
+        resolve_dataset(Data(dataset=str(big), cache_dir=str(tmp_path)), 63, info)
 
     other = load_tokenizer(save_tokenizer(train_tokenizer(shakespeare_texts(1), 1024), tmp_path / "tok1k"))
     with pytest.raises(RavenError, match="another tokenizer"):
-        resolve_dataset(Data(dataset=str(out)), 63, other)
+        resolve_dataset(Data(dataset=str(out), cache_dir=str(tmp_path)), 63, other)
     anonymous = variant("anonymous")  # no fingerprint recorded: the vocabulary sizes still disagree
     for split in ("train", "val"):
         f = anonymous / split / "index.json"
         f.write_text(f.read_text().replace(info.fingerprint, ""))
     with pytest.raises(RavenError, match="vocabulary of 4096 ids but the tokenizer/model has 1024"):
-        resolve_dataset(Data(dataset=str(anonymous)), 63, other)
+        resolve_dataset(Data(dataset=str(anonymous), cache_dir=str(tmp_path)), 63, other)
 
 
 def test_worker_failure_reaches_the_caller(tmp_path, info, words):

@@ -121,7 +121,7 @@ def test_prepared_folder_trains_through_the_normal_dataset_path(prepared):
     out, folder = prepared
     info = load_tokenizer(out / "tokenizer")
     assert info.vocab_size == 288
-    assert resolve_dataset(Data(dataset=str(folder), tokenizer=str(out / "tokenizer")), 96, info) == folder
+    assert resolve_dataset(Data(dataset=str(folder), cache_dir=str(out)), 96, info) == folder
     manifest = json.loads((folder / "dataset.json").read_text())
     assert manifest["reasoning"]["task"] == "chase" and manifest["packing"] == "drop"
     rows = PackedRows(folder / "train")

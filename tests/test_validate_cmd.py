@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from raven_titan.config.manager import parse_args
-from raven_titan.data.loader import build_dataloader
+from raven_titan.data.loader import val_batches
+from raven_titan.data.shards import PackedRows
 from raven_titan.eval import validate as validate_cmd
 from raven_titan.train import Trainer, state_seed
 
@@ -47,8 +48,8 @@ def records(run: Path, kind: str = "validation") -> list[dict]:
 def direct_losses(trainer: Trainer, depths: list[int], steps: int) -> dict[int, float]:
     """Mean token cross-entropy of the first `steps` held-out batches at each depth, computed here."""
     t = trainer.job.training
-    loader = build_dataloader(trainer.dataset, "val", t.local_batch_size, 0, 1, t.seed, 0, infinite=False)
-    batches = [batch for _, batch in zip(range(steps), loader)]
+    ((_, folder),) = trainer.sources
+    batches = list(val_batches(PackedRows(folder / "val"), t.local_batch_size, 0, 1, steps))
     assert len(batches) == steps
     model = trainer.model.eval()
     out = {}

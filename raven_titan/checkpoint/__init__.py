@@ -5,12 +5,13 @@ Layout: `<run>/<checkpoint.folder>/step-N/` (DCP files + `.metadata`). A save is
 previous `step-N` as the latest loadable one; leftover temporary folders are ignored and cleaned up.
 Everything needed for a bit-exact resume is saved: model, optimizer, LR schedule, train state (step, tokens,
 global data position) and RNG states. The recurrence depth and the latent noise are functions of
-(seed, step, sample), and the data order of (seed, epoch), so nothing is rank-specific: a checkpoint resumes
+(seed, step, sample), and the data order of (seed, data position), so nothing is rank-specific: a checkpoint resumes
 with another number of processes or another data-parallel layout (DCP reshards model and optimizer).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -63,28 +64,19 @@ class OptimizerState(Stateful):
 
 class TrainState(Stateful):
     """Counters of the training loop. The step drives the depth sampler, schedule and noise seeds; the data
-    position is global (epoch, rows consumed in it by all ranks), so it carries over to another data-parallel
-    layout that reads the same rows per micro-batch step."""
-
-    FIELDS = ("step", "tokens_seen", "data_epoch", "data_rows", "data_rows_per_epoch")
+    position (`raven_titan.data.mixture`: global micro-batches drawn, rows consumed per source) is the same on
+    every rank, so it carries over to any other data-parallel layout or batch size."""
 
     def __init__(self) -> None:
-        self.step = self.tokens_seen = self.data_epoch = self.data_rows = self.data_rows_per_epoch = 0
-
-    def advance_data(self, rows: int, rows_per_epoch: int) -> None:
-        """Account one micro-batch step of `rows` rows over all ranks (the loader's epochs hold
-        `rows_per_epoch` rows)."""
-        self.data_rows_per_epoch = rows_per_epoch
-        self.data_rows += rows
-        if self.data_rows >= rows_per_epoch:
-            self.data_epoch, self.data_rows = self.data_epoch + 1, self.data_rows - rows_per_epoch
+        self.step = self.tokens_seen = 0
+        self.data: dict = {"batches": 0, "consumed": {}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.FIELDS}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": json.dumps(self.data)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in self.FIELDS:
-            setattr(self, name, int(state[name]))
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.data = json.loads(state["data"])
 
 
 class RNGState(Stateful):

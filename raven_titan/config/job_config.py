@@ -159,9 +159,25 @@ class Validation:
 
 
 @dataclass
+class DataSource:
+    path: str = ""
+    """'shakespeare' (the built-in corpus) or a folder of prepared token shards."""
+    weight: PosFloat = 1.0
+    """Relative share of training rows drawn from this source (normalised over the sources)."""
+    epochs: Annotated[float, Gt(0)] | None = None
+    """At most this many passes over the source's rows, then its share goes to the others (None: no limit)."""
+    name: str = ""
+    """Label in logs and metrics (default: the folder name); the source's shuffling key."""
+
+
+@dataclass
 class Data:
     dataset: str = "shakespeare"
-    """'shakespeare' (built-in, prepared on first use, no network) or a folder of prepared token shards."""
+    """'shakespeare' (built-in, prepared on first use, no network) or a folder of prepared token shards. For
+    a mixture, list [[data.sources]] tables instead."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Mixture: [[data.sources]] tables with path, weight, epochs, name (TOML; the CLI can change the fields of
+    listed sources, e.g. --data.sources.0.weight 2). Empty: the single source data.dataset."""
     tokenizer: str = "tokenizer/shakespeare_4k"
     """Folder holding tokenizer.json (relative paths resolve against the repository root)."""
     cache_dir: str = "~/.cache/raven_titan"

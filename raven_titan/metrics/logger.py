@@ -39,14 +39,23 @@ def format_val_table(step: int, losses: dict[int, float]) -> str:
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """The numeric fields of a record as `kind/name` scalars (validation losses as `validation/loss_d<depth>`)."""
+    """The numeric fields of a record as `kind/name` scalars; nested tables flatten to `kind/name/key`, except
+    per-depth validation values, which read `validation/val_loss_d<depth>` (per source:
+    `validation/val_loss/<source>_d<depth>`)."""
     kind = record.get("kind", "train")
-    out = {}
+    out: dict[str, float] = {}
+
+    def add(name: str, value: Any, depth_keys: bool) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                nested = isinstance(v, dict)
+                add(f"{name}/{k}" if nested or not depth_keys else f"{name}_d{k}", v, depth_keys)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+
     for key, value in record.items():
-        if isinstance(value, dict):  # val_loss / val_ppl per depth
-            out.update({f"{kind}/{key}_d{d}": float(v) for d, v in value.items()})
-        elif isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
-            out[f"{kind}/{key}"] = float(value)
+        if key not in ("step", "kind"):
+            add(f"{kind}/{key}", value, key.startswith("val_"))
     return out
 
 
@@ -101,16 +110,24 @@ class MetricsLogger:
             stats["hidden_token_corr"],
         )  # fmt: skip
 
-    def log_validation(self, step: int, losses: dict[int, float]) -> None:
-        self._write(
-            {
-                "kind": "validation",
-                "step": step,
-                "val_loss": {str(d): v for d, v in losses.items()},
-                "val_ppl": {str(d): math.exp(min(v, 50)) for d, v in losses.items()},
+    def log_validation(
+        self, step: int, losses: dict[int, float], by_source: dict[str, dict[int, float]] | None = None
+    ) -> None:
+        """Per-depth validation losses (and, for a mixture, each source's)."""
+        record = {
+            "kind": "validation",
+            "step": step,
+            "val_loss": {str(d): v for d, v in losses.items()},
+            "val_ppl": {str(d): math.exp(min(v, 50)) for d, v in losses.items()},
+        }
+        if by_source:
+            record["val_loss_by_source"] = {
+                n: {str(d): v for d, v in ls.items()} for n, ls in by_source.items()
             }
-        )
+        self._write(record)
         logger.info(format_val_table(step, losses))
+        for name, ls in (by_source or {}).items():
+            logger.info("  %-14s %s", name[:14], "  ".join(f"{v:7.4f}" for v in ls.values()))
 
     def close(self) -> None:
         if self._file:
