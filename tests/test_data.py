@@ -273,7 +273,8 @@ def test_resume_mid_epoch_is_exact(tmp_path, workers, rank, world):
     )  # the uninterrupted order
 
 
-def test_resume_from_the_global_position_on_another_layout(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_the_global_position_on_another_layout(tmp_path, workers):
     """The trainer's way: the mixture position (the same on every rank) continues on any layout."""
     folder = make_loader_dataset(tmp_path, num_rows=60)
     rows = PackedRows(folder / "train")
@@ -282,7 +283,7 @@ def test_resume_from_the_global_position_on_another_layout(tmp_path):
     for _ in range(7):  # 7 global batches of 2 ranks x 2 rows
         _, _, position = mixture.draw(position, 4)
     continued = global_stream([take(one_source(folder, 2, r, 2, seed=5), 40)[7:] for r in range(2)])
-    other = [take(build_train_loader([rows], mixture, 1, r, 3, position=position), 44) for r in range(3)]
+    other = [take(build_train_loader([rows], mixture, 1, r, 3, workers, position), 44) for r in range(3)]
     assert global_stream(other) == continued[:132]
 
 

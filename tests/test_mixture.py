@@ -180,3 +180,33 @@ def test_trainer_refuses_sources_too_small_for_the_run(tmp_path, tmp_path_factor
     )  # fmt: skip
     with pytest.raises(RavenError, match=r"epochs limits leave \d+ rows but the remaining 100 steps need"):
         Trainer(job)
+
+
+def test_mixture_resume_with_workers_is_bit_exact(tmp_path, tmp_path_factory):
+    # source b (weight 3) runs out after floor(0.0003 x ~47k) = 14 rows, around step 5: the resumed half
+    # crosses the point where its share goes to a
+    cfg = write(tmp_path, SOURCES + "weight = 3\nepochs = 0.0003\n")
+    cache = str(tmp_path_factory.mktemp("cache"))
+
+    def job(run: str, *extra: str):
+        return parse_args(
+            ["--job.config_file", cfg, *TINY, "--validation.no-enable", "--data.cache_dir", cache,
+             "--checkpoint.enable", "--job.dump_folder", str(tmp_path / run), *extra]
+        )  # fmt: skip
+
+    def train_records(run: str) -> dict[int, tuple]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        recs = [json.loads(line) for line in lines]
+        return {r["step"]: (r["loss"], r["tokens_per_source"]) for r in recs if r["kind"] == "train"}
+
+    Trainer(job("ref")).train()
+    first = Trainer(job("cut", "--data.num_workers", "2"))
+    for _ in range(3):
+        first.train_step(first.next_micro_batches())
+    first.checkpointer.save(first.step)
+    second = Trainer(job("cut", "--data.num_workers", "2"))
+    assert second.step == 3
+    second.train()
+    ref, cut = train_records("ref"), train_records("cut")
+    assert {s: v for s, v in cut.items() if s > 3} == {s: v for s, v in ref.items() if s > 3}
+    assert ref[6][1]["b"] == 14 * 32 and ref[6][1]["a"] == (6 * 8 - 14) * 32  # b capped, a took its share

@@ -75,7 +75,7 @@ class _BatchIterator(Iterator[list[int]]):
 
 class MixtureSampler(Sampler[list[int]]):
     """Batch sampler for one data-parallel rank; `state_dict` is the position of its latest iterator, and
-    `load_state_dict` makes the next `iter()` start there."""
+    `load_state_dict` makes every later `iter()` start there."""
 
     def __init__(
         self, mixture: Mixture, offsets: np.ndarray, batch_size: int, rank: int, world_size: int
@@ -87,12 +87,12 @@ class MixtureSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
-        self._resume: dict | None = None
+        self._start = mixture.start()
         self._latest: _BatchIterator | None = None
 
     def __iter__(self) -> _BatchIterator:
-        self._latest = _BatchIterator(self, self._resume or self.mixture.start())
-        self._resume = None
+        # every iter() starts at the loaded position: with worker processes the DataLoader may call it twice
+        self._latest = _BatchIterator(self, self._start)
         return self._latest
 
     def tag(self, position: dict) -> dict[str, Any]:
@@ -113,10 +113,10 @@ class MixtureSampler(Sampler[list[int]]):
     def state_dict(self) -> dict[str, Any]:
         if self._latest is not None:
             return self._latest.state_dict()
-        return self.tag(self._resume or self.mixture.start())
+        return self.tag(self._start)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = self.check_state(state)
+        self._start = self.check_state(state)
         self._latest = None
 
 
