@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from raven_titan.checkpoint import CheckpointManager, ModelState, OptimizerState, RNGState, TrainState
 from raven_titan.config.job_config import Hub, JobConfig
 from raven_titan.config.manager import REPO_ROOT, dump_config, parse_args, repo_path, resolved_dict
-from raven_titan.data.default_corpus import resolve_sources
+from raven_titan.data.default_corpus import resolve_sources, verify_dataset
 from raven_titan.data.loader import build_train_loader, val_batches
 from raven_titan.data.mixture import Mixture, Source
 from raven_titan.data.shards import PackedRows
@@ -91,7 +91,11 @@ class Trainer:
                 f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size = {self.args.vocab_size}; "
                 "set model.vocab_size to at least the tokenizer's size"
             )
-        self.sources = self._on_rank0_first(lambda: resolve_sources(job.data, t.seq_len, tok))
+        self.sources = self._on_rank0_first(lambda: resolve_sources(job.data, t.seq_len, tok, verify=False))
+        for folder in dict.fromkeys(folder for _, folder in self.sources):  # every rank reads its share
+            self._on_every_rank(
+                lambda f=folder: verify_dataset(f, job.data, tok, part=(self.rank, self.dp_size))
+            )
         self.train_splits = [PackedRows(folder / "train") for _, folder in self.sources]
         self.mixture = Mixture(
             [
@@ -174,6 +178,21 @@ class Trainer:
         if error[0] is not None:
             raise RavenError(error[0])
         return result if self.rank == 0 else fn()
+
+    def _on_every_rank(self, fn) -> None:
+        """Run `fn` on every rank; a RavenError on any rank is raised on all of them (the lowest rank's)."""
+        if self.dp_size == 1:
+            return fn()
+        error = None
+        try:
+            fn()
+        except RavenError as e:
+            error = str(e)
+        errors = [None] * self.dp_size
+        dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise RavenError(first)
 
     # ---- one optimizer step -----------------------------------------------------------------------------
     def autocast(self):

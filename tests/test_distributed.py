@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,3 +209,28 @@ def test_fsdp_with_float8_all_gather_and_precomputed_scales(common, reference, t
              "--float8.enable_fsdp_float8_all_gather", "--float8.precompute_float8_dynamic_scale_for_fsdp")  # fmt: skip
     got = losses(run)
     assert got == pytest.approx(reference, rel=0.02) and got != reference  # float8 GEMMs, close to fp32
+
+
+def test_a_corrupt_shard_found_by_one_rank_stops_every_rank(common, reference, tmp_path):
+    # the ranks share the start-up read of the shards: file 1 of 4 is rank 1's, and rank 0 must stop too
+    from raven_titan.data.shards import PackedRows, write_split
+
+    cache = Path(common[common.index("--data.cache_dir") + 1])
+    (prepared,) = cache.glob("shakespeare-*-L32-*")  # written by the reference run
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        rows = PackedRows(prepared / split)
+        write_split(
+            data / split, np.concatenate(rows._open()), vocab_size=rows.vocab_size,
+            tokenizer_fingerprint=rows.tokenizer_fingerprint, rows_per_file=len(rows) // 4 + 1,
+        )  # fmt: skip
+    victim = data / "train" / "00001.bin"
+    raw = bytearray(victim.read_bytes())
+    raw[10] ^= 1
+    victim.write_bytes(bytes(raw))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "raven_titan.train", *common, "--training.local_batch_size", "4", "--data.dataset", str(data),
+           "--job.dump_folder", str(tmp_path / "r")]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
+    assert out.returncode != 0
+    assert (out.stdout + out.stderr).count("train/00001.bin: checksum mismatch") == 2, out.stderr[-3000:]

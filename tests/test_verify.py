@@ -171,3 +171,17 @@ def test_bad_token_row_in_a_late_block(tmp_path, monkeypatch):
     with pytest.raises(RavenError, match=message):
         data.validate(1000, record_dir=tmp_path / "rec")  # hash and token range from the same blocks
     assert not list((tmp_path / "rec").glob("*.json"))
+
+
+def test_parts_share_the_reading_and_their_records_add_up(tmp_path, checked):
+    data = make_split(tmp_path / "s", num_rows=15)  # 5 files
+    flip_byte(tmp_path / "s" / "00003.bin")
+    data.validate(1000, record_dir=tmp_path / "rec", part=(0, 2))  # files 0, 2, 4: fine
+    assert sorted(checked) == ["00000.bin", "00002.bin", "00004.bin"]
+    with pytest.raises(RavenError, match="00003.bin: checksum mismatch"):
+        data.validate(1000, record_dir=tmp_path / "rec", part=(1, 2))
+    assert len(list((tmp_path / "rec").glob("*.part*of2.json"))) == 2  # 00001 passed before 00003 failed
+    checked.clear()
+    with pytest.raises(RavenError, match="00003.bin"):
+        data.validate(1000, record_dir=tmp_path / "rec")  # a whole check trusts both parts' records
+    assert checked == ["00003.bin"]

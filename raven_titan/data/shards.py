@@ -355,6 +355,7 @@ class PackedRows(Dataset):
         *,
         record_dir: Path | None = None,
         threads: int | None = None,
+        part: tuple[int, int] = (0, 1),
     ) -> None:
         """Refuse (RavenError naming the file) a row_len or vocabulary mismatch, a truncated file, a checksum
         mismatch (`check_checksums`) or a token id >= `vocab_size` (`check_tokens`).
@@ -365,7 +366,11 @@ class PackedRows(Dataset):
         and skipped next time while their size, mtime and index checksum are unchanged and the vocabulary
         checked against was no larger: like make, the record trusts (size, mtime), so a same-size rewrite
         that restores the mtime is not noticed. An unreadable record counts as empty; one that cannot be
-        written only logs a warning."""
+        written only logs a warning.
+
+        `part = (k, n)` checks the contents of files k, k + n, k + 2n, ... only (sizes are checked for all): n
+        processes share the reading, each recording its files in `<key>.part<k>of<n>.json`; later checks read
+        the union of all records of the split."""
         index_file = self.split_dir / INDEX_FILE
         if row_len is not None and row_len != self.row_len:
             raise RavenError(
@@ -378,20 +383,25 @@ class PackedRows(Dataset):
                 f"{index_file}: prepared with a vocabulary of {self.vocab_size} ids but the tokenizer/model "
                 f"has {vocab_size}; use the tokenizer the data was prepared with or re-prepare the data"
             )
+        for path, num_rows, _ in self.files:
+            self._check_size(path, num_rows)
         if not (check_checksums or check_tokens):
-            for path, num_rows, _ in self.files:
-                self._check_size(path, num_rows)
             return
         key = hashlib.sha256(str(self.split_dir.resolve()).encode()).hexdigest()[:16]
-        record_file = Path(record_dir) / f"{key}.json" if record_dir is not None else None
-        record = _load_record(record_file) if record_file else {}
+        record_file = None
+        if record_dir is not None:
+            record_file = Path(record_dir) / (
+                f"{key}.json" if part == (0, 1) else f"{key}.part{part[0]}of{part[1]}.json"
+            )
+        record = _load_records(Path(record_dir), key) if record_dir is not None else {}
+        files = self.files[part[0] :: part[1]]
         start, passed, error = time.perf_counter(), {}, None
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             futures = [
                 pool.submit(self._verify_file, f, vocab_size, check_checksums, check_tokens, record)
-                for f in self.files
+                for f in files
             ]
-            for (path, _, _), future in zip(self.files, futures):
+            for (path, _, _), future in zip(files, futures):
                 try:
                     passed[path.name] = future.result()
                 except BaseException as e:  # the first failure in file order; the rest is not needed
@@ -406,7 +416,7 @@ class PackedRows(Dataset):
         if checked:
             seconds = time.perf_counter() - start
             verified = sum(e["size"] for e in checked.values())
-            skipped = sum(path.stat().st_size for path, _, _ in self.files if passed[path.name] is None)
+            skipped = sum(path.stat().st_size for path, _, _ in files if passed[path.name] is None)
             logger.info(
                 "%s: verified %d files (%.1f MB) at %.0f MB/s; %d files (%.1f MB) skipped as already verified",
                 self.split_dir,
@@ -485,6 +495,14 @@ def _load_record(file: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(record, dict):
         return {}
     return {name: entry for name, entry in record.items() if isinstance(entry, dict)}
+
+
+def _load_records(record_dir: Path, key: str) -> dict[str, dict[str, Any]]:
+    """The union of a split's records (`<key>.json` and the `<key>.part*.json` of shared checks)."""
+    out: dict[str, dict[str, Any]] = {}
+    for file in sorted(record_dir.glob(f"{key}*.json")):
+        out.update(_load_record(file))
+    return out
 
 
 def _save_record(file: Path, entries: dict[str, dict[str, Any]]) -> None:
