@@ -173,15 +173,14 @@ class DataSource:
 @dataclass
 class Data:
     dataset: str = "shakespeare"
-    """'shakespeare' (built-in, prepared on first use, no network) or a folder of prepared token shards. For
-    a mixture, list [[data.sources]] tables instead."""
+    """'shakespeare' (built-in corpus, prepared on first use) or a prepared folder; mixtures: [[data.sources]]."""
     sources: list[DataSource] = field(default_factory=list)
     """Mixture: [[data.sources]] tables with path, weight, epochs, name (TOML; the CLI can change the fields of
     listed sources, e.g. --data.sources.0.weight 2). Empty: the single source data.dataset."""
     tokenizer: str = "tokenizer/shakespeare_4k"
     """Folder holding tokenizer.json (relative paths resolve against the repository root)."""
     cache_dir: str = "~/.cache/raven_titan"
-    """Where the built-in corpus is prepared and cached."""
+    """Where the built-in corpus is prepared and the record of verified shards is kept."""
     num_workers: NonNegInt = 0
     """DataLoader worker processes (0: load in the training process)."""
     val_fraction: Annotated[float, Gt(0), Le(0.5)] = 0.05
