@@ -9,25 +9,20 @@ import numpy as np
 import pytest
 
 from raven_titan.config.manager import parse_args
-from raven_titan.data.mixture import Mixture, Source, permute
+from raven_titan.data.mixture import Mixture, Source, epoch_order
 from raven_titan.errors import RavenError
 from raven_titan.train import Trainer
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097, 65537])
-def test_permute_is_a_bijection(n):
-    out = permute(np.arange(n), n, "key")
-    assert out.dtype == np.int64 and np.array_equal(np.sort(out), np.arange(n))
-
-
-def test_permute_depends_on_the_key_and_shuffles_well():
+def test_epoch_orders_are_seeded_permutations():
     n = 10_000
-    a, b = permute(np.arange(n), n, "a"), permute(np.arange(n), n, "b")
-    assert not np.array_equal(a, b)
-    assert abs(np.corrcoef(np.arange(n), a)[0, 1]) < 0.05  # no trace of the input order
-    assert abs(np.corrcoef(a, b)[0, 1]) < 0.05
-    assert np.mean(a == np.arange(n)) < 0.01  # few fixed points (a random permutation has ~1)
-    assert np.array_equal(permute(np.arange(n)[::-1], n, "a"), a[::-1])  # a function of the index alone
+    a = epoch_order(n, 0, "web", 0)
+    assert a.dtype == np.uint32 and np.array_equal(np.sort(a), np.arange(n))
+    assert np.array_equal(a, epoch_order(n, 0, "web", 0))
+    others = [epoch_order(n, 1, "web", 0), epoch_order(n, 0, "math", 0), epoch_order(n, 0, "web", 1)]
+    for other in others:  # the seed, the source name and the epoch each give another order
+        assert not np.array_equal(a, other)
+    assert abs(np.corrcoef(np.arange(n), a)[0, 1]) < 0.05
 
 
 def draws(mixture: Mixture, batches: int, count: int):

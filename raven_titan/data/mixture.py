@@ -10,11 +10,13 @@ any number of ranks or any batch size.
   the sources that still have rows left (a source with `epochs` set stops after floor(epochs x rows) rows;
   its share then goes to the others in proportion to their weights). Over many draws each source's share of
   the rows approaches its normalised weight.
-- **Row of a source:** the c-th row a source contributes is row `permute(c mod N, N, key(seed, name, c div N))`
-  of its N rows: epoch after epoch, a fresh permutation. So every row of a source is read exactly once per
-  epoch of that source, over all ranks together, for any world size (no row is dropped at epoch ends).
-  The permutation is a keyed Feistel network with cycle walking: O(1) memory however many rows a source has
-  (a 200M-row corpus needs no 1.6 GB index array per rank), computed only for the rows a rank reads.
+- **Row of a source:** the c-th row a source contributes is row `order(c div N)[c mod N]` of its N rows, where
+  `order(e)` is numpy's shuffle of 0..N-1 seeded by (seed, source name, e): epoch after epoch, a fresh
+  permutation. So every row of a source is read exactly once per epoch of that source, over all ranks
+  together, for any world size (no row is dropped at epoch ends). An order costs 4 bytes per row (8 above
+  2^32 rows) in the process that samples, e.g. 0.8 GB and ~9 s to shuffle for a 200M-row source at each of its
+  epoch starts; only the current epoch's order is kept. (A keyed Feistel permutation would need no memory, but
+  on the default run its orders gave a clearly larger spread of validation losses than numpy's shuffles.)
 
 Keys depend on the source's *name*, not its place in the list: adding or reordering sources leaves the
 others' orders unchanged.
@@ -31,47 +33,18 @@ import numpy as np
 from raven_titan.errors import RavenError
 
 MIX_STREAM = 0x6D6978  # "mix": separates the mixture's random stream from others seeded by the run seed
-FEISTEL_ROUNDS = 6
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a cheap, well-mixing bijection of uint64 values."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        return x ^ (x >> np.uint64(31))
+def name_key(name: str) -> int:
+    """A stable 63-bit integer for a source name (part of its shuffling seed)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
 
 
-def _round_keys(key: str) -> np.ndarray:
-    digest = hashlib.sha512(key.encode()).digest()  # 8 independent 64-bit words
-    return np.frombuffer(digest[: 8 * FEISTEL_ROUNDS], dtype="<u8").astype(np.uint64)
-
-
-def permute(index: np.ndarray, n: int, key: str) -> np.ndarray:
-    """The images of `index` (ints in [0, n)) under a pseudo-random permutation of [0, n) chosen by `key`.
-
-    A balanced Feistel network on 2h bits (4^h >= n, so the domain is < 4n) is a permutation of [0, 4^h);
-    cycle walking (re-encrypting values >= n) restricts it to a permutation of [0, n)."""
-    if n < 1:
-        raise ValueError(f"cannot permute an empty range (n = {n})")
-    half = max(1, math.ceil(math.log2(n) / 2)) if n > 1 else 1
-    mask = np.uint64((1 << half) - 1)
-    shift = np.uint64(half)
-    keys = _round_keys(key)
-
-    def encrypt(x: np.ndarray) -> np.ndarray:
-        left, right = x >> shift, x & mask
-        for k in keys:
-            left, right = right, left ^ (_splitmix(right ^ k) & mask)
-        return (left << shift) | right
-
-    out = encrypt(np.asarray(index, dtype=np.uint64))
-    walk = out >= n
-    while walk.any():
-        out[walk] = encrypt(out[walk])
-        walk = out >= n
-    return out.astype(np.int64)
+def epoch_order(num_rows: int, seed: int, name: str, epoch: int) -> np.ndarray:
+    """The order in which a source's rows are read in one of its epochs: a permutation of 0..num_rows-1."""
+    order = np.arange(num_rows, dtype=np.uint32 if num_rows <= 2**32 else np.int64)
+    np.random.default_rng([seed, name_key(name), epoch]).shuffle(order)
+    return order
 
 
 @dataclass(frozen=True)
@@ -104,6 +77,7 @@ class Mixture:
         self.names = [s.name for s in sources]
         self.weights = np.array([s.weight for s in sources], dtype=np.float64)
         self.caps = np.array([s.cap for s in sources], dtype=np.float64)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
 
     def start(self) -> dict:
         return {"batches": 0, "consumed": {name: 0 for name in self.names}}
@@ -161,5 +135,13 @@ class Mixture:
             epochs = ordinal[mine] // n
             for e in np.unique(epochs):
                 sel = mine[epochs == e]
-                out[sel] = permute(ordinal[sel] % n, n, f"{self.seed}/{self.names[s]}/{int(e)}")
+                out[sel] = self._order(int(s), int(e))[ordinal[sel] % n]
         return out
+
+    def _order(self, s: int, epoch: int) -> np.ndarray:
+        key = (s, epoch)
+        if key not in self._orders:
+            for old in [k for k in self._orders if k[0] == s and k[1] < epoch]:
+                del self._orders[old]  # epochs are read in increasing order: keep only the newest
+            self._orders[key] = epoch_order(self.sources[s].num_rows, self.seed, self.names[s], epoch)
+        return self._orders[key]
