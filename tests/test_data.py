@@ -368,7 +368,7 @@ def test_resolve_user_folder(tmp_path, tok_info):
         load_prepare_cli().main([str(src), "--out", str(out), "--seq-len", "16", "--val-fraction", "0.2"])
         == 0
     )
-    cfg = Data(dataset=str(out))
+    cfg = Data(dataset=str(out), cache_dir=str(tmp_path / "cache"))
     assert resolve_dataset(cfg, 16, tok_info) == out
     with pytest.raises(RavenError, match="seq_len 16"):
         resolve_dataset(cfg, 32, tok_info)
