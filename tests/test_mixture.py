@@ -205,3 +205,20 @@ def test_mixture_resume_with_workers_is_bit_exact(tmp_path, tmp_path_factory):
     ref, cut = train_records("ref"), train_records("cut")
     assert {s: v for s, v in cut.items() if s > 3} == {s: v for s, v in ref.items() if s > 3}
     assert ref[6][1]["b"] == 14 * 32 and ref[6][1]["a"] == (6 * 8 - 14) * 32  # b capped, a took its share
+
+
+def test_resume_with_a_source_added_continues_the_others(tmp_path, tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    one = write(tmp_path, '[[data.sources]]\npath = "shakespeare"\nname = "a"\n')
+    both = str(tmp_path / "both.toml")
+    Path(both).write_text(SOURCES)
+    common = [*TINY, "--validation.no-enable", "--data.cache_dir", cache, "--checkpoint.enable",
+              "--checkpoint.interval", "3", "--job.dump_folder", str(tmp_path / "run")]  # fmt: skip
+    first = Trainer(parse_args(["--job.config_file", one, *common, "--training.steps", "3"]))
+    first.train()
+    assert first.state.data["consumed"] == {"a": 3 * 8}
+    second = Trainer(parse_args(["--job.config_file", both, *common, "--training.steps", "6"]))
+    assert second.step == 3 and second.state.data["consumed"] == {"a": 24, "b": 0}
+    second.train()
+    consumed = second.state.data["consumed"]
+    assert consumed["a"] > 24 and consumed["b"] > 0 and consumed["a"] + consumed["b"] == 6 * 8
