@@ -241,7 +241,7 @@ class Trainer:
         if self.train_iter is None:
             loader = build_train_loader(
                 self.train_splits, self.mixture, t.local_batch_size, self.dp_rank, self.dp_size,
-                self.job.data.num_workers, position=self.state.data, pin_memory=self.device.type == "cuda",
+                self.job.data.num_workers, position=self.state.data,
             )  # fmt: skip
             self.train_iter = iter(loader)
         batches = []
