@@ -11,6 +11,7 @@ import pytest
 from raven_titan.config.manager import parse_args
 from raven_titan.data.mixture import Mixture, Source, epoch_order
 from raven_titan.errors import RavenError
+from raven_titan.metrics.logger import scalars
 from raven_titan.train import Trainer
 
 
@@ -163,6 +164,15 @@ def test_trainer_records_tokens_per_source_and_validates_each(tmp_path, tmp_path
     assert set(val["val_loss_by_source"]) == {"a", "b"}  # the same folder twice: the same losses
     assert val["val_loss_by_source"]["a"] == val["val_loss_by_source"]["b"]
     assert val["val_loss"] == pytest.approx(val["val_loss_by_source"]["a"], rel=1e-12)
+
+
+def test_sink_names_of_per_source_values():
+    train = scalars({"kind": "train", "step": 3, "loss": 2.5, "tokens_per_source": {"a": 64, "b": 32}})
+    assert train == {"train/loss": 2.5, "train/tokens_per_source/a": 64.0, "train/tokens_per_source/b": 32.0}
+    val = scalars(
+        {"kind": "validation", "step": 3, "val_loss": {"4": 2.0}, "val_loss_by_source": {"a": {"4": 3.0}}}
+    )
+    assert val == {"validation/val_loss_d4": 2.0, "validation/val_loss_by_source/a_d4": 3.0}
 
 
 def test_trainer_refuses_sources_too_small_for_the_run(tmp_path, tmp_path_factory):

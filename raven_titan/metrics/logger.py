@@ -41,7 +41,7 @@ def format_val_table(step: int, losses: dict[int, float]) -> str:
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The numeric fields of a record as `kind/name` scalars; nested tables flatten to `kind/name/key`, except
     per-depth validation values, which read `validation/val_loss_d<depth>` (per source:
-    `validation/val_loss/<source>_d<depth>`)."""
+    `validation/val_loss_by_source/<source>_d<depth>`)."""
     kind = record.get("kind", "train")
     out: dict[str, float] = {}
 
