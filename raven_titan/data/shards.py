@@ -343,9 +343,6 @@ class PackedRows(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self.row(int(i)).astype(np.int64))
 
-    def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
-        return [self[i] for i in indices]
-
     def validate(
         self,
         vocab_size: int,
